@@ -1,0 +1,38 @@
+"""What every backend declares: its name, what it can run, and how to run it."""
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+
+from ..inputs import AttentionCall, Features
+
+
+class Backend:
+    """A kernel family.
+
+    Subclasses declare what they support as class attributes (shown by
+    ``fastattn.explain`` and ``python -m fastattn``) and implement
+    :meth:`not_supported_reasons`, one sentence per reason naming the offending
+    value and what is supported. Reasons depend on :class:`Features` only, so the
+    dispatcher can cache them.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def not_supported_reasons(self, features: Features) -> list[str]:
+        raise NotImplementedError
+
+    def run(self, call: AttentionCall) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns ``out`` of shape (B, Hq, L, Ev) in the input dtype and, when
+        ``call.want_lse``, the natural-log log-sum-exp (B, Hq, L) in float32
+        (``+inf`` on rows with no key to attend to)."""
+        raise NotImplementedError
+
+    def availability(self) -> list[str]:
+        """Reasons this backend cannot run anything in this process (empty = available)."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"<fastattn backend {self.name!r}>"

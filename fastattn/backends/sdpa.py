@@ -1,0 +1,101 @@
+"""The fallback: torch's own scaled_dot_product_attention, plus exact math for
+what SDPA cannot express (softcap, the log-sum-exp). It never refuses."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..inputs import AttentionCall, Features
+from .base import Backend
+
+# Saved at import: fastattn.patch(torch_sdpa=True) may later replace the public
+# function with ours, and the fallback must not call itself.
+torch_sdpa = F.scaled_dot_product_attention
+
+
+def positional_bias(call: AttentionCall) -> Optional[torch.Tensor]:
+    """The causal/window/ALiBi part of the call as one mask broadcastable to
+    (B, Hq, L, S): bool (True = attend) when there is no ALiBi, else additive float32."""
+    L, S = call.seqlen_q, call.seqlen_k
+    left, right = call.key_bounds
+    device = call.q.device
+    rel = None
+    keep = None
+    if left >= 0 or right >= 0 or call.alibi_slopes is not None:
+        i = torch.arange(L, device=device).unsqueeze(1)
+        j = torch.arange(S, device=device).unsqueeze(0)
+        rel = j - (i + call.diag_offset)  # key position relative to the query's diagonal
+    if right >= 0:
+        keep = rel <= right
+    if left >= 0:
+        keep = rel >= -left if keep is None else keep & (rel >= -left)
+    if call.alibi_slopes is None:
+        return keep
+    slopes = call.alibi_slopes.to(device=device, dtype=torch.float32)[:, :, None, None]
+    bias = -slopes * rel.abs().to(torch.float32)
+    if keep is not None:
+        bias = bias.masked_fill(~keep, float("-inf"))
+    return bias
+
+
+def combine_masks(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if a is None or b is None:
+        return b if a is None else a
+    if a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    if a.dtype == torch.bool:
+        a, b = b, a
+    if b.dtype == torch.bool:
+        return a.float().masked_fill(~b, float("-inf"))
+    return a.float() + b.float()
+
+
+def math_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention spelled out in float32 (GQA, softcap, masks, dropout); returns (out, lse)."""
+    q, k, v = call.q.float(), call.k.float(), call.v.float()
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, k.transpose(-2, -1)) * call.scale
+    if call.softcap > 0:
+        s = call.softcap * torch.tanh(s / call.softcap)
+    mask = combine_masks(call.mask, positional_bias(call))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    lse = torch.logsumexp(s, dim=-1)
+    empty = torch.isneginf(lse)
+    p = torch.exp(s - lse.masked_fill(empty, 0).unsqueeze(-1))
+    if call.dropout_p > 0:
+        p = F.dropout(p, call.dropout_p)
+    out = torch.matmul(p, v)
+    return out.to(call.q.dtype), lse.masked_fill(empty, float("inf"))
+
+
+class SDPABackend(Backend):
+    name = "sdpa"
+    description = "torch.nn.functional.scaled_dot_product_attention (any device and dtype); exact math for softcap"
+
+    def not_supported_reasons(self, features: Features) -> list[str]:
+        return []
+
+    def run(self, call: AttentionCall):
+        if call.softcap > 0 or call.want_lse:
+            return math_attention(call)
+        plain_causal = call.causal and not call.lower_right and call.window == (-1, -1) and call.alibi_slopes is None
+        mask = call.mask
+        if not plain_causal:
+            mask = combine_masks(mask, positional_bias(call))
+        if mask is not None and mask.dtype not in (torch.bool, call.q.dtype, torch.float32):
+            mask = mask.to(call.q.dtype)
+        out = torch_sdpa(
+            call.q, call.k, call.v,
+            attn_mask=mask,
+            dropout_p=call.dropout_p,
+            is_causal=plain_causal,
+            scale=call.scale,
+            enable_gqa=call.q.shape[1] != call.k.shape[1],
+        )
+        return out, None

@@ -1,0 +1,81 @@
+"""The Triton flash-attention kernel (fastattn/kernels/triton)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .._env import interpreting
+from ..inputs import HALF_DTYPES, AttentionCall, Features
+from .base import Backend
+
+MAX_HEAD_DIM = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error() -> str | None:
+    try:
+        from ..kernels.triton import flash_fwd  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken triton install
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    """Compute capability of a CUDA device, cached per device index."""
+    return torch.cuda.get_device_capability(index)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = ("Triton flash-attention forward: fp16/bf16, head dims <= 256, GQA/MQA, causal (both alignments), "
+                   "windows, softcap, ALiBi, bool/additive masks")
+    dtypes = HALF_DTYPES
+    max_head_dim = MAX_HEAD_DIM
+
+    def availability(self) -> list[str]:
+        err = _import_error()
+        return [f"triton cannot be imported ({err}); install it with `pip install triton`"] if err else []
+
+    def not_supported_reasons(self, f: Features) -> list[str]:
+        reasons = self.availability()
+        if f.device_type == "cpu":
+            if not interpreting():
+                reasons.append("query is on the CPU; the triton kernel needs a CUDA device "
+                               "(set TRITON_INTERPRET=1 to run it through the Triton interpreter)")
+        elif f.device_type != "cuda":
+            reasons.append(f"device type {f.device_type!r} is not supported (supported: cuda)")
+        elif not interpreting() and torch.cuda.is_available():
+            major, minor = device_capability(f.device_index if f.device_index is not None else torch.cuda.current_device())
+            need = (8, 0) if f.dtype == torch.bfloat16 else (7, 5)
+            if (major, minor) < need:
+                reasons.append(f"GPU compute capability {major}.{minor} is too old for {f.dtype} "
+                               f"(needs {need[0]}.{need[1]} or newer)")
+        if f.dtype not in self.dtypes:
+            reasons.append(f"dtype {f.dtype} is not supported (supported: float16, bfloat16)")
+        if f.head_dim > MAX_HEAD_DIM or f.head_dim_v > MAX_HEAD_DIM:
+            reasons.append(f"head_dim={max(f.head_dim, f.head_dim_v)} is too large (supported: <= {MAX_HEAD_DIM})")
+        if f.empty:
+            reasons.append("an empty sequence or head dim: nothing for a kernel to do")
+        if f.mask_dtype is not None and f.mask_dtype != torch.bool and not f.mask_dtype.is_floating_point:
+            reasons.append(f"mask dtype {f.mask_dtype} is not supported (supported: bool or floating point)")
+        if f.dropout:
+            reasons.append("dropout_p > 0 is not supported yet (the kernel has no dropout)")
+        if f.needs_grad:
+            reasons.append("inputs require grad and the kernel is forward-only (no backward yet)")
+        return reasons
+
+    def run(self, call: AttentionCall):
+        from ..kernels.triton.flash_fwd import flash_attn_forward
+
+        out, lse = flash_attn_forward(
+            call.q, call.k, call.v,
+            scale=call.scale,
+            mask=call.mask,
+            causal_bounds=call.key_bounds,
+            diag_offset=call.diag_offset,
+            softcap=call.softcap,
+            alibi_slopes=call.alibi_slopes,
+        )
+        return out, lse

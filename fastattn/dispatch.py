@@ -1,0 +1,184 @@
+"""Which backend runs a call: the priority list, forcing, strictness, and the
+error that lists every backend's reasons. No other module makes this decision."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from ._env import interpreting
+from .backends.base import Backend
+from .backends.sdpa import SDPABackend
+from .backends.triton import TritonBackend
+from .inputs import AttentionCall, Features
+
+__all__ = ["UnsupportedError", "Explanation", "use_backend", "select", "explain_call", "backends", "register_backend"]
+
+
+class UnsupportedError(RuntimeError):
+    """A forced (or strict) backend choice that cannot run the call; lists every backend's reasons."""
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+    _decide.cache_clear()
+
+
+def backends() -> dict[str, Backend]:
+    """The registered backends by name."""
+    return dict(_REGISTRY)
+
+
+
+def priority(features: Features) -> list[str]:
+    """Backends to try, best first.
+
+    - ``triton`` first: the main kernel, and the only one that reads masks,
+      ALiBi and softcap inside the kernel.
+    - ``cuda`` (when registered) after it until benchmarks/results show it winning a case.
+    - ``sdpa`` last: it runs everything, so a call never fails for lack of a kernel.
+    """
+    order = [name for name in ("triton", "cuda") if name in _REGISTRY]
+    order += [name for name in _REGISTRY if name not in order and name != "sdpa"]
+    return order + ["sdpa"]
+
+
+# --------------------------------------------------------------------------- forcing
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_forced_backend", default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"{source}: unknown backend {name!r}; choose one of {['auto', *_REGISTRY]}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend (or ``"auto"``) inside the block, for this thread/task only.
+
+    A forced backend that cannot run a call raises :class:`UnsupportedError`
+    listing every backend's reasons; it never falls back silently.
+    """
+    token = _forced.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> Optional[str]:
+    name = _forced.get()
+    if name is None:
+        name = _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto", "FASTATTN_BACKEND")
+    return None if name == "auto" else name
+
+
+def _strict() -> bool:
+    return os.environ.get("FASTATTN_STRICT", "0").strip().lower() in ("1", "true", "yes")
+
+
+def torch_restriction() -> tuple[str, ...]:
+    """The SDPA backends torch was told not to use (``torch.nn.attention.sdpa_kernel``)."""
+    flags = {
+        "FLASH_ATTENTION": torch.backends.cuda.flash_sdp_enabled,
+        "EFFICIENT_ATTENTION": torch.backends.cuda.mem_efficient_sdp_enabled,
+        "MATH": torch.backends.cuda.math_sdp_enabled,
+        "CUDNN_ATTENTION": torch.backends.cuda.cudnn_sdp_enabled,
+    }
+    return tuple(name for name, enabled in flags.items() if not enabled())
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Every backend's verdict on one call, and the one chosen (None if none can run)."""
+
+    verdicts: tuple[tuple[str, tuple[str, ...]], ...]
+    chosen: Optional[str]
+    forced: Optional[str] = None
+    strict: bool = False
+    features: Optional[Features] = None
+
+    def reasons(self, name: str) -> tuple[str, ...]:
+        return dict(self.verdicts)[name]
+
+    def __str__(self) -> str:
+        lines = []
+        if self.features is not None:
+            f = self.features
+            lines.append(
+                f"call: {f.dtype} on {f.device_type}, head_dim={f.head_dim}"
+                + (f", head_dim_v={f.head_dim_v}" if f.head_dim_v != f.head_dim else "")
+                + f", heads q/kv={f.num_heads_q}/{f.num_heads_kv}"
+                + (f", causal ({'bottom-right' if f.lower_right else 'top-left'})" if f.causal else "")
+                + (f", window={f.window}" if f.window != (-1, -1) and not f.causal else "")
+                + (f", mask={f.mask_dtype}" if f.mask_dtype is not None else "")
+            )
+        if self.forced:
+            lines.append(f"forced backend: {self.forced}")
+        if self.strict:
+            lines.append("strict: FASTATTN_STRICT=1 (no fallback to sdpa)")
+        for name, reasons in self.verdicts:
+            mark = "->" if name == self.chosen else "  "
+            verdict = "can run" if not reasons else "cannot run"
+            lines.append(f"{mark} {name}: {verdict}")
+            lines.extend(f"     - {r}" for r in reasons)
+        lines.append(f"chosen: {self.chosen}" if self.chosen else "chosen: none (UnsupportedError)")
+        return "\n".join(lines)
+
+
+def _verdicts(features: Features, forced: Optional[str], restriction: tuple[str, ...]) -> tuple:
+    out = []
+    for name in priority(features):
+        reasons = list(_REGISTRY[name].not_supported_reasons(features))
+        if restriction and name != "sdpa" and forced is None:
+            reasons.append(
+                f"torch.nn.attention.sdpa_kernel is active (disabled: {', '.join(restriction)}); "
+                "fastattn leaves the choice to torch's SDPA inside it"
+            )
+        out.append((name, tuple(reasons)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decide(features: Features, forced: Optional[str], strict: bool, restriction: tuple[str, ...],
+            interpret: bool) -> Explanation:
+    verdicts = _verdicts(features, forced, restriction)
+    if forced is not None:
+        chosen = forced if not dict(verdicts)[forced] else None
+    else:
+        chosen = next((name for name, reasons in verdicts if not reasons), None)
+        if strict and chosen == "sdpa":
+            chosen = None
+    return Explanation(verdicts, chosen, forced, strict, features)
+
+
+register_backend(TritonBackend())
+register_backend(SDPABackend())
+
+
+def explain_call(call: AttentionCall) -> Explanation:
+    return _decide(call.features, forced_backend(), _strict(), torch_restriction(), interpreting())
+
+
+def select(call: AttentionCall) -> Backend:
+    """The backend that runs ``call``; raises :class:`UnsupportedError` when a forced
+    or strict choice cannot be honoured."""
+    decision = explain_call(call)
+    if decision.chosen is None:
+        what = f"backend {decision.forced!r} was forced" if decision.forced else "FASTATTN_STRICT=1 forbids falling back to sdpa"
+        raise UnsupportedError(f"{what} but cannot run this call.\n{decision}")
+    return _REGISTRY[decision.chosen]

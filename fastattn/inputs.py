@@ -1,0 +1,353 @@
+"""One attention call, validated and put in canonical form.
+
+Both front ends (SDPA-style and flash-attn-style) turn their arguments into an
+:class:`AttentionCall`: q/k/v as ``(B, H, L, E)`` *views* of the caller's tensors
+(no copies), the mask as a 4-d view broadcastable to ``(B, Hq, L, S)``, and the
+positional features (causal, window, softcap, ALiBi) as plain values. Every
+check of whether a call is well formed lives in this module and raises
+:class:`InvalidInputError` (a ``ValueError``) or ``TypeError`` before any
+backend sees the call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
+
+import torch
+
+__all__ = ["AttentionCall", "Features", "InvalidInputError", "from_sdpa_args", "from_flash_args"]
+
+
+class InvalidInputError(ValueError, RuntimeError):
+    """A malformed call. A ``ValueError``; also a ``RuntimeError``, which is what
+    torch's SDPA raises for the same inputs, so existing ``except`` clauses keep working."""
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Features:
+    """The hashable facts about a call that backends decide on (the dispatch cache key)."""
+
+    device_type: str
+    device_index: Optional[int]
+    dtype: torch.dtype
+    head_dim: int
+    head_dim_v: int
+    num_heads_q: int
+    num_heads_kv: int
+    empty: bool
+    causal: bool
+    lower_right: bool
+    window: tuple[int, int]
+    has_softcap: bool
+    has_alibi: bool
+    mask_dtype: Optional[torch.dtype]
+    dropout: bool
+    needs_grad: bool
+    last_dim_contiguous: bool
+    want_lse: bool
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionCall:
+    """A validated call in canonical layout.
+
+    q: (B, Hq, L, E); k: (B, Hkv, S, E); v: (B, Hkv, S, Ev) with Hq % Hkv == 0 and
+    query head h reading key/value head h // (Hq // Hkv). Batch dims may be
+    stride-0 broadcasts. ``mask``: None, or a bool (True = attend) or float
+    (additive) 4-d view broadcastable to (B, Hq, L, S).
+
+    Positions: query i lines up with key ``i + diag_offset`` where
+    ``diag_offset = S - L`` if ``lower_right`` (flash-attn) else 0 (SDPA).
+    ``causal`` keeps keys ``j <= i + diag_offset``; ``window = (left, right)``
+    keeps ``i + diag_offset - left <= j <= i + diag_offset + right`` (-1 = unbounded).
+    ALiBi adds ``-slope[b, h] * |i + diag_offset - j|``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    mask: Optional[torch.Tensor] = None
+    causal: bool = False
+    lower_right: bool = False
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None  # (B or 1, Hq), float32
+    dropout_p: float = 0.0
+    want_lse: bool = False
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def diag_offset(self) -> int:
+        return self.seqlen_k - self.seqlen_q if self.lower_right else 0
+
+    @property
+    def key_bounds(self) -> tuple[int, int]:
+        """(left, right) key bounds around each query's diagonal, causal folded in (-1 = unbounded)."""
+        left, right = self.window
+        if self.causal:
+            right = 0 if right < 0 else min(right, 0)
+        return left, right
+
+    @cached_property
+    def features(self) -> Features:
+        q, k, v = self.q, self.k, self.v
+        return Features(
+            device_type=q.device.type,
+            device_index=q.device.index,
+            dtype=q.dtype,
+            head_dim=q.shape[-1],
+            head_dim_v=v.shape[-1],
+            num_heads_q=q.shape[1],
+            num_heads_kv=k.shape[1],
+            empty=q.numel() == 0 or k.shape[2] == 0 or k.shape[-1] == 0 or v.shape[-1] == 0,
+            causal=self.causal,
+            lower_right=self.lower_right,
+            window=self.key_bounds,
+            has_softcap=self.softcap > 0,
+            has_alibi=self.alibi_slopes is not None,
+            mask_dtype=None if self.mask is None else self.mask.dtype,
+            dropout=self.dropout_p > 0,
+            needs_grad=torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v, self.mask) if t is not None),
+            last_dim_contiguous=all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in (q, k, v)),
+            want_lse=self.want_lse,
+        )
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_tensors(names: tuple[str, ...], tensors: tuple) -> None:
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    q = tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != q.dtype:
+            raise InvalidInputError(
+                f"{names[0]}, {names[1]} and {names[2]} must have the same dtype; got "
+                + ", ".join(f"{n} {x.dtype}" for n, x in zip(names, tensors))
+            )
+        if t.device != q.device:
+            raise InvalidInputError(
+                f"{names[0]}, {names[1]} and {names[2]} must be on the same device; got "
+                + ", ".join(f"{n} on {x.device}" for n, x in zip(names, tensors))
+            )
+    if not (q.is_floating_point()):
+        raise InvalidInputError(f"{names[0]} must be a floating-point tensor, got {q.dtype}")
+
+
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise InvalidInputError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    return float(dropout_p)
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise InvalidInputError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _check_heads(hq: int, hk: int, hv: int, *, gqa_allowed: bool, hint: str) -> None:
+    if hk != hv:
+        raise InvalidInputError(f"key and value must have the same number of heads; got {hk} and {hv}")
+    if hq == hk:
+        return
+    if not gqa_allowed:
+        raise InvalidInputError(
+            f"query has {hq} heads but key/value have {hk}; {hint}"
+        )
+    if hk == 0 or hq % hk != 0:
+        raise InvalidInputError(
+            f"the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hk})"
+        )
+
+
+def _broadcast(shapes: list[tuple[int, ...]], what: str) -> tuple[int, ...]:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise InvalidInputError(f"{what} do not broadcast: " + ", ".join(str(tuple(s)) for s in shapes)) from None
+
+
+def _to_4d(t: torch.Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> torch.Tensor:
+    """Broadcast ``t`` to ``lead + tail`` and view it as 4-d (B, H, *tail)."""
+    t = t.expand(*lead, *tail)
+    if len(lead) == 2:
+        return t
+    if len(lead) < 2:
+        return t.reshape((1,) * (2 - len(lead)) + tuple(lead) + tuple(tail))
+    return t.reshape(-1, lead[-1], *tail)  # a copy only if the leading dims cannot be merged
+
+
+# --------------------------------------------------------------------------- SDPA front end
+
+
+def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False) -> tuple[AttentionCall, tuple[int, ...]]:
+    """Validate ``torch.nn.functional.scaled_dot_product_attention`` arguments.
+
+    Returns the call and the output's leading shape (the result is
+    ``(*lead, L, Ev)``).
+    """
+    _check_tensors(("query", "key", "value"), (query, key, value))
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise InvalidInputError(f"{name} must have at least 2 dims (..., seq_len, head_dim), got shape {tuple(t.shape)}")
+    if query.shape[-1] != key.shape[-1]:
+        raise InvalidInputError(
+            f"query and key must have the same head dim (last dim); got {query.shape[-1]} and {key.shape[-1]}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise InvalidInputError(
+            f"key and value must have the same sequence length (dim -2); got {key.shape[-2]} and {value.shape[-2]}"
+        )
+    dropout_p = _check_dropout(dropout_p)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and attn_mask is not None:
+        raise InvalidInputError("attn_mask and is_causal=True cannot be used together (as in torch's SDPA): "
+                                "fold the causal mask into attn_mask instead")
+    L, S = query.shape[-2], key.shape[-2]
+
+    gqa = bool(enable_gqa) and min(query.dim(), key.dim(), value.dim()) >= 3
+    if gqa:
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        _check_heads(hq, hk, hv, gqa_allowed=True, hint="")
+        batch = _broadcast([query.shape[:-3], key.shape[:-3], value.shape[:-3]], "the batch dims of query, key and value")
+        lead = batch + (hq,)
+        kv_lead = batch + (hk,)
+    else:
+        if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3] and key.shape[-3] != 1:
+            _check_heads(query.shape[-3], key.shape[-3], value.shape[-3], gqa_allowed=False,
+                         hint="pass enable_gqa=True for grouped-query attention")
+        lead = _broadcast([query.shape[:-2], key.shape[:-2], value.shape[:-2]], "the batch/head dims of query, key and value")
+        kv_lead = lead
+
+    mask = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
+            raise InvalidInputError(
+                f"attn_mask must be bool (True = attend) or a float mask of dtype {query.dtype} or torch.float32; "
+                f"got {attn_mask.dtype}"
+            )
+        if attn_mask.device != query.device:
+            raise InvalidInputError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (*lead, L, S))
+        except RuntimeError:
+            raise InvalidInputError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {(*lead, L, S)}"
+            ) from None
+        mask = _mask_to_4d(attn_mask, lead, L, S)
+
+    out_lead = lead
+    call = AttentionCall(
+        q=_to_4d(query, lead, (L, query.shape[-1])),
+        k=_to_4d(key, kv_lead, (S, key.shape[-1])),
+        v=_to_4d(value, kv_lead, (S, value.shape[-1])),
+        scale=_check_scale(scale, query.shape[-1]),
+        mask=mask,
+        causal=is_causal,
+        dropout_p=dropout_p,
+    )
+    return call, out_lead
+
+
+def _mask_to_4d(mask: torch.Tensor, lead: tuple[int, ...], L: int, S: int) -> torch.Tensor:
+    """A 4-d view of ``mask`` broadcastable to (B, H, L, S), keeping size-1 dims unexpanded."""
+    full = (*lead, L, S)
+    m = mask.reshape((1,) * (len(full) - mask.dim()) + tuple(mask.shape)) if mask.dim() < len(full) else mask
+    if len(full) == 4:
+        return m
+    if len(full) < 4:
+        return m.reshape((1,) * (4 - len(full)) + tuple(m.shape))
+    # More than two leading dims: merge the batch dims (keep the head dim separate).
+    batch = full[:-3]
+    m = m.expand(*batch, m.shape[-3], L if m.shape[-2] != 1 else 1, S if m.shape[-1] != 1 else 1)
+    return m.reshape(-1, *m.shape[-3:])
+
+
+# --------------------------------------------------------------------------- flash-attn front end
+
+
+def from_flash_args(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, return_lse=False) -> AttentionCall:
+    """Validate ``flash_attn_func`` arguments: (batch, seqlen, nheads, headdim) layout,
+    bottom-right aligned causal mask and window."""
+    _check_tensors(("q", "k", "v"), (q, k, v))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise InvalidInputError(f"{name} must be 4-d (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
+    B, L, Hq, E = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise InvalidInputError(f"q, k and v must have the same batch size; got {B}, {k.shape[0]} and {v.shape[0]}")
+    if k.shape[-1] != E:
+        raise InvalidInputError(f"q and k must have the same head dim; got {E} and {k.shape[-1]}")
+    if k.shape[1] != v.shape[1]:
+        raise InvalidInputError(f"k and v must have the same seqlen; got {k.shape[1]} and {v.shape[1]}")
+    _check_heads(Hq, k.shape[2], v.shape[2], gqa_allowed=True, hint="")
+    dropout_p = _check_dropout(dropout_p)
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise InvalidInputError(f"window_size entries must be >= -1 (-1 = unbounded), got {(left, right)}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise InvalidInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    slopes = None
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise InvalidInputError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if alibi_slopes.device != q.device:
+            raise InvalidInputError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        if tuple(alibi_slopes.shape) == (Hq,):
+            slopes = alibi_slopes.unsqueeze(0)
+        elif tuple(alibi_slopes.shape) == (B, Hq):
+            slopes = alibi_slopes
+        else:
+            raise InvalidInputError(
+                f"alibi_slopes must have shape (nheads,) = ({Hq},) or (batch, nheads) = ({B}, {Hq}); "
+                f"got {tuple(alibi_slopes.shape)}"
+            )
+    # flash-attn treats causal as window (-1, 0).
+    if causal:
+        right = 0
+    return AttentionCall(
+        q=q.transpose(1, 2),
+        k=k.transpose(1, 2),
+        v=v.transpose(1, 2),
+        scale=_check_scale(softmax_scale, E),
+        causal=causal,
+        lower_right=True,
+        window=(left, right),
+        softcap=float(softcap),
+        alibi_slopes=slopes,
+        dropout_p=dropout_p,
+        want_lse=return_lse,
+    )

@@ -1,0 +1,303 @@
+"""Flash-attention forward in Triton.
+
+Reads top to bottom: the block update (inner loop), the kernel, the block-size
+table next to it, the launcher. One program computes BLOCK_M query rows of one
+(batch, head) against all the key blocks that can be visible to them, with the
+online softmax in the exp2 domain and fp32 accumulation.
+
+Key blocks are visited in up to three runs: the ones that straddle the left
+edge of the window, the ones fully inside every bound (no per-element masking,
+the hot loop), and the ones that straddle the causal/right edge or the end of
+the keys. Explicit masks and ALiBi are applied in every block.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._env import interpreting
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): no overflow to NaN for large |x|.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _block_update(
+    acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n,
+    offs_m, offs_n, offs_d, offs_dv,
+    stride_kn, stride_vn, stride_mn,
+    seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+    qk_scale, softcap_in, softcap_out, slope,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+):
+    cols = start_n + offs_n
+    # K is read transposed: a (BLOCK_D, BLOCK_N) tile.
+    if CHECK_BOUNDS:
+        k = tl.load(K_ptrs + start_n * stride_kn,
+                    mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        k = tl.load(K_ptrs + start_n * stride_kn, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    else:
+        k = tl.load(K_ptrs + start_n * stride_kn)
+    if UPCAST:
+        qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
+    else:
+        qk = tl.dot(q, k)
+
+    if HAS_SOFTCAP:
+        qk = _tanh(qk * softcap_in) * softcap_out  # softcap * tanh(s * scale / softcap), in log2 units
+    else:
+        qk = qk * qk_scale
+
+    rel = cols[None, :] - (offs_m[:, None] + diag_offset)  # key position relative to the query's diagonal
+    if HAS_ALIBI:
+        qk -= slope * tl.abs(rel).to(tl.float32)
+    if MASK_KIND != 0:
+        in_bounds = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+    if MASK_KIND == 2:
+        bias = tl.load(M_ptrs + start_n * stride_mn, mask=in_bounds, other=0.0)
+        qk += bias.to(tl.float32) * 1.4426950408889634
+
+    if CHECK_BOUNDS:
+        keep = cols[None, :] < seqlen_k
+        if HAS_RIGHT:
+            keep = keep & (rel <= window_right)
+        if HAS_LEFT:
+            keep = keep & (rel >= -window_left)
+        qk = tl.where(keep, qk, float("-inf"))
+    if MASK_KIND == 1:
+        allowed = tl.load(M_ptrs + start_n * stride_mn, mask=in_bounds, other=0)
+        qk = tl.where(allowed != 0, qk, float("-inf"))
+
+    # Online softmax; rows that have seen no visible key keep m = -inf and contribute nothing.
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+
+    if CHECK_BOUNDS:
+        v = tl.load(V_ptrs + start_n * stride_vn,
+                    mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    elif BLOCK_DV != HEAD_DIM_V:
+        v = tl.load(V_ptrs + start_n * stride_vn, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+    else:
+        v = tl.load(V_ptrs + start_n * stride_vn)
+    if UPCAST:
+        # Round P to the input dtype as the tensor-core path does, then multiply in fp32.
+        acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+    else:
+        acc += tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, Out, Lse, Mask, Slopes,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_sb, stride_sh,
+    num_heads, kv_group, seqlen_q, seqlen_k,
+    diag_offset, window_left, window_right,
+    qk_scale, softcap_in, softcap_out,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    off_hk = off_h // kv_group
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh \
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    K_ptrs = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh \
+        + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    V_ptrs = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh \
+        + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    M_ptrs = Mask
+    if MASK_KIND != 0:
+        M_ptrs = Mask + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh \
+            + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh) * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # Visible keys of this row block: [lo, hi). Inside [mid_lo, mid_hi) every key is
+    # visible to every row (up to explicit masks), so bounds need no checking there.
+    first_row = start_m * BLOCK_M
+    last_row = first_row + BLOCK_M - 1
+    lo = 0
+    hi = seqlen_k
+    mid_lo = 0
+    mid_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, tl.maximum(last_row + diag_offset + window_right + 1, 0))
+        mid_hi = tl.minimum(mid_hi, (tl.maximum(first_row + diag_offset + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+    if HAS_LEFT:
+        lo = (tl.maximum(first_row + diag_offset - window_left, 0) // BLOCK_N) * BLOCK_N
+        mid_lo = tl.cdiv(tl.maximum(last_row + diag_offset - window_left, 0), BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(mid_lo, hi)
+    mid_hi = tl.maximum(mid_hi, mid_lo)
+    lo = tl.minimum(lo, mid_lo)
+
+    for start_n in range(lo, mid_lo, BLOCK_N):
+        acc, m_i, l_i = _block_update(
+            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, offs_m, offs_n, offs_d, offs_dv,
+            stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+            qk_scale, softcap_in, softcap_out, slope,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
+            MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
+        acc, m_i, l_i = _block_update(
+            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, offs_m, offs_n, offs_d, offs_dv,
+            stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+            qk_scale, softcap_in, softcap_out, slope,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, False,
+            MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+    for start_n in range(mid_hi, hi, BLOCK_N):
+        acc, m_i, l_i = _block_update(
+            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, offs_m, offs_n, offs_d, offs_dv,
+            stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+            qk_scale, softcap_in, softcap_out, slope,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
+            MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+
+    # Rows with no visible key: output 0 (as torch >= 2.5) and lse = +inf, so that a
+    # backward pass computing exp(s - lse) gets 0 there.
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+
+    o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh \
+        + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
+    l_ptrs = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m
+    tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+# --------------------------------------------------------------------------- block sizes
+
+
+def block_config(head_dim: int, head_dim_v: int, seqlen_q: int) -> dict:
+    """Block sizes and launch shape for one call.
+
+    Under the interpreter the blocks are small so that short test sequences still
+    cross several blocks and every edge run of the key loop executes.
+    On the GPU: 128-row query blocks keep Hopper's warpgroup MMAs busy; the key
+    block shrinks as the head dim grows so the K/V tiles fit shared memory.
+    """
+    d = max(head_dim, head_dim_v)
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if d <= 64:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    elif d <= 128:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if seqlen_q <= 64:  # decode-like: don't waste most of a 128-row tile
+        cfg["BLOCK_M"] = 64 if seqlen_q > 16 else 16
+        cfg["num_warps"] = 4
+    return cfg
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for the launch, so Triton compiles for its architecture
+    and launches on that device's current stream (layers under ``device_map``
+    live on different GPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
+                       softcap=0.0, alibi_slopes=None, config=None):
+    """Run the kernel.
+
+    q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev), any strides;
+    mask: None or a bool/float tensor broadcastable to (B, Hq, L, S) (size-1 dims are read with stride 0);
+    causal_bounds: (left, right) key bounds around the diagonal, -1 = unbounded;
+    alibi_slopes: None or (B or 1, Hq) float32.
+    Returns out (B, Hq, L, Ev) laid out like q, and lse (B, Hq, L) float32.
+    """
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    # Output memory in q's layout: (B, L, H, Ev) when q is a transposed (B, L, H, E) buffer.
+    if q.stride(1) < q.stride(2):
+        out = torch.empty((B, L, Hq, Ev), dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+
+    if mask is None:
+        mask_kind, mask_arg, mstrides = MASK_NONE, q, (0, 0, 0, 0)
+    else:
+        mask = mask.expand(B, Hq, L, S) if mask.dim() == 4 else mask
+        mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
+        mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mstrides = tuple(mask.stride(i) if mask.shape[i] != 1 else 0 for i in range(4))
+    if alibi_slopes is None:
+        slopes_arg, sstrides = q, (0, 0)
+    else:
+        slopes_arg = alibi_slopes.expand(B, Hq)
+        sstrides = (slopes_arg.stride(0), slopes_arg.stride(1))
+
+    left, right = causal_bounds
+    log2e = 1.4426950408889634
+    cfg = dict(config or block_config(E, Ev, L))
+    block_m = cfg.pop("BLOCK_M")
+    block_n = cfg.pop("BLOCK_N")
+    block_d = max(16, triton.next_power_of_2(E))
+    block_dv = max(16, triton.next_power_of_2(Ev))
+    grid = (triton.cdiv(L, block_m), B * Hq)
+    with device_guard(q.device):
+        _flash_fwd_kernel[grid](
+            q, k, v, out, lse, mask_arg, slopes_arg,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            lse.stride(0), lse.stride(1),
+            *mstrides, *sstrides,
+            Hq, Hq // Hkv, L, S,
+            diag_offset, left, right,
+            scale * log2e,
+            (scale / softcap) if softcap > 0 else 0.0,
+            (softcap * log2e) if softcap > 0 else 0.0,
+            HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+            MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+            UPCAST=interpreting(),
+            **cfg,
+        )
+    return out, lse
