@@ -45,6 +45,7 @@ class Features:
     window: tuple[int, int]
     has_softcap: bool
     has_alibi: bool
+    has_sinks: bool
     mask_dtype: Optional[torch.dtype]
     dropout: bool
     needs_grad: bool
@@ -65,7 +66,9 @@ class AttentionCall:
     ``diag_offset = S - L`` if ``lower_right`` (flash-attn) else 0 (SDPA).
     ``causal`` keeps keys ``j <= i + diag_offset``; ``window = (left, right)``
     keeps ``i + diag_offset - left <= j <= i + diag_offset + right`` (-1 = unbounded).
-    ALiBi adds ``-slope[b, h] * |i + diag_offset - j|``.
+    ALiBi adds ``-slope[b, h] * |i + diag_offset - j|``. ``sinks[h]`` is a logit
+    with no value (attention sinks, GPT-OSS): it joins each row's softmax
+    denominator, and the log-sum-exp.
     """
 
     q: torch.Tensor
@@ -78,6 +81,7 @@ class AttentionCall:
     window: tuple[int, int] = (-1, -1)
     softcap: float = 0.0
     alibi_slopes: Optional[torch.Tensor] = None  # (B or 1, Hq), float32
+    sinks: Optional[torch.Tensor] = None  # (Hq,): one extra logit per head in the softmax denominator
     dropout_p: float = 0.0
     want_lse: bool = False
 
@@ -118,6 +122,7 @@ class AttentionCall:
             window=self.key_bounds,
             has_softcap=self.softcap > 0,
             has_alibi=self.alibi_slopes is not None,
+            has_sinks=self.sinks is not None,
             mask_dtype=None if self.mask is None else self.mask.dtype,
             dropout=self.dropout_p > 0,
             needs_grad=torch.is_grad_enabled()

@@ -14,7 +14,7 @@ import torch
 
 def reference_attention(q, k, v, *, scale: Optional[float] = None, mask=None, causal: bool = False,
                         lower_right: bool = False, window=(-1, -1), softcap: float = 0.0,
-                        alibi_slopes=None, compute_dtype: Optional[torch.dtype] = torch.float64):
+                        alibi_slopes=None, sinks=None, compute_dtype: Optional[torch.dtype] = torch.float64):
     """Attention by its definition, in ``(B, H, L, E)`` layout.
 
     ``compute_dtype=None`` computes in the inputs' own dtype (the "same math in
@@ -57,7 +57,11 @@ def reference_attention(q, k, v, *, scale: Optional[float] = None, mask=None, ca
         else:
             s = s + mask.to(s.dtype)
     s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
+    if sinks is not None:  # one extra logit per head, with no value
+        sink_col = sinks.to(s.dtype).view(1, H, 1, 1).expand(B, H, L, 1)
+        lse = torch.logsumexp(torch.cat([s, sink_col], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(s, dim=-1)
     none_visible = torch.isneginf(lse)
     p = torch.exp(s - lse.masked_fill(none_visible, 0.0).unsqueeze(-1))
     out = p.to(v.dtype) @ v

@@ -1,5 +1,5 @@
 """The fallback: torch's own scaled_dot_product_attention, plus exact math for
-what SDPA cannot express (softcap, the log-sum-exp). It never refuses."""
+what SDPA cannot express (softcap, attention sinks, the log-sum-exp). It never refuses."""
 from __future__ import annotations
 
 from typing import Optional
@@ -65,7 +65,11 @@ def math_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     mask = combine_masks(call.mask, positional_bias(call))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
-    lse = torch.logsumexp(s, dim=-1)
+    if call.sinks is not None:
+        sinks = call.sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat([s, sinks], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(s, dim=-1)
     empty = torch.isneginf(lse)
     p = torch.exp(s - lse.masked_fill(empty, 0).unsqueeze(-1))
     if call.dropout_p > 0:
@@ -82,7 +86,7 @@ class SDPABackend(Backend):
         return []
 
     def run(self, call: AttentionCall):
-        if call.softcap > 0 or call.want_lse:
+        if call.softcap > 0 or call.sinks is not None or call.want_lse:
             return math_attention(call)
         plain_causal = call.causal and not call.lower_right and call.window == (-1, -1) and call.alibi_slopes is None
         mask = call.mask

@@ -77,5 +77,6 @@ class TritonBackend(Backend):
             diag_offset=call.diag_offset,
             softcap=call.softcap,
             alibi_slopes=call.alibi_slopes,
+            sinks=call.sinks,
         )
         return out, lse

@@ -104,7 +104,7 @@ def _block_update(
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, Slopes,
+    Q, K, V, Out, Lse, Mask, Slopes, Sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -118,7 +118,8 @@ def _flash_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -146,8 +147,14 @@ def _flash_fwd_kernel(
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh) * 1.4426950408889634
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # The sink is a logit with no value: it starts the running max and sum.
+        sink = tl.load(Sinks + off_h).to(tl.float32) * 1.4426950408889634
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # Visible keys of this row block: [lo, hi). Inside [mid_lo, mid_hi) every key is
@@ -243,19 +250,22 @@ def device_guard(device: torch.device):
 
 
 def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
-                       softcap=0.0, alibi_slopes=None, config=None):
+                       softcap=0.0, alibi_slopes=None, sinks=None, out=None, config=None):
     """Run the kernel.
 
     q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev), any strides;
     mask: None or a bool/float tensor broadcastable to (B, Hq, L, S) (size-1 dims are read with stride 0);
     causal_bounds: (left, right) key bounds around the diagonal, -1 = unbounded;
-    alibi_slopes: None or (B or 1, Hq) float32.
+    alibi_slopes: None or (B or 1, Hq) float32; sinks: None or (Hq,) logits.
+    out: optional preallocated (B, Hq, L, Ev) output, any strides.
     Returns out (B, Hq, L, Ev) laid out like q, and lse (B, Hq, L) float32.
     """
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     # Output memory in q's layout: (B, L, H, Ev) when q is a transposed (B, L, H, E) buffer.
-    if q.stride(1) < q.stride(2):
+    if out is not None:
+        assert out.shape == (B, Hq, L, Ev) and out.dtype == q.dtype, "out must be (B, Hq, L, Ev) in q's dtype"
+    elif q.stride(1) < q.stride(2):
         out = torch.empty((B, L, Hq, Ev), dtype=q.dtype, device=q.device).transpose(1, 2)
     else:
         out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
@@ -264,10 +274,10 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     if mask is None:
         mask_kind, mask_arg, mstrides = MASK_NONE, q, (0, 0, 0, 0)
     else:
-        mask = mask.expand(B, Hq, L, S) if mask.dim() == 4 else mask
+        mask = mask.expand(B, Hq, L, S)  # a view: broadcast dims get stride 0, nothing is materialized
         mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
         mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        mstrides = tuple(mask.stride(i) if mask.shape[i] != 1 else 0 for i in range(4))
+        mstrides = mask.stride()
     if alibi_slopes is None:
         slopes_arg, sstrides = q, (0, 0)
     else:
@@ -284,7 +294,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     grid = (triton.cdiv(L, block_m), B * Hq)
     with device_guard(q.device):
         _flash_fwd_kernel[grid](
-            q, k, v, out, lse, mask_arg, slopes_arg,
+            q, k, v, out, lse, mask_arg, slopes_arg, q if sinks is None else sinks.contiguous(),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             lse.stride(0), lse.stride(1),
             *mstrides, *sstrides,
@@ -297,6 +307,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
             BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
             MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+            HAS_SINKS=sinks is not None,
             UPCAST=interpreting(),
             **cfg,
         )
