@@ -50,7 +50,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     call = from_flash_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            return_lse=return_attn_probs)
     out, lse = _run(call)
-    out = out.transpose(1, 2)
+    out = out.transpose(1, 2).contiguous()  # a no-op for the kernels, which write in q's layout
     if return_attn_probs:
         return out, lse, None
     return out

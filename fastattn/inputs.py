@@ -258,6 +258,8 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                 f"attn_mask must be bool (True = attend) or a float mask of dtype {query.dtype} or torch.float32; "
                 f"got {attn_mask.dtype}"
             )
+        if attn_mask.dim() < 2:
+            raise InvalidInputError(f"attn_mask must have at least 2 dims (L, S), got shape {tuple(attn_mask.shape)}")
         if attn_mask.device != query.device:
             raise InvalidInputError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
         try:

@@ -1,0 +1,217 @@
+"""Backend choice: reasons, explain, forcing, strictness, torch's sdpa_kernel, and
+the device every launch happens on."""
+import contextlib
+import threading
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fastattn
+from fastattn import dispatch
+from fastattn.inputs import from_sdpa_args
+
+from .conftest import DEVICE
+
+
+def half_inputs(E=32, dtype=torch.float16):
+    q = torch.randn(1, 2, 8, E, device=DEVICE, dtype=dtype)
+    return q, torch.randn_like(q), torch.randn_like(q)
+
+
+def test_explain_lists_every_backend_and_the_choice():
+    q, k, v = (t.float() for t in half_inputs())
+    report = fastattn.explain(q, k, v)
+    text = str(report)
+    for name in fastattn.backends():
+        assert name in text
+    assert report.chosen == "sdpa"
+    assert any("float32" in r for r in report.reasons("triton"))
+    assert "chosen: sdpa" in text
+
+
+@pytest.mark.parametrize("make,fragment", [
+    (lambda: half_inputs(E=320), "head_dim=320"),
+    (lambda: tuple(t.float() for t in half_inputs()), "float32"),
+])
+def test_reasons_name_the_offending_value(make, fragment):
+    reasons = fastattn.explain(*make()).reasons("triton")
+    assert any(fragment in r for r in reasons), reasons
+
+
+def test_cpu_without_interpreter_is_refused_with_a_hint(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (t.cpu() for t in half_inputs())
+    reasons = fastattn.explain(q, k, v).reasons("triton")
+    assert any("TRITON_INTERPRET=1" in r for r in reasons), reasons
+
+
+def test_dropout_and_grad_are_reasons():
+    q, k, v = half_inputs()
+    assert any("dropout" in r for r in fastattn.explain(q, k, v, dropout_p=0.1).reasons("triton"))
+    q.requires_grad_(True)
+    assert any("grad" in r for r in fastattn.explain(q, k, v).reasons("triton"))
+    with torch.no_grad():
+        assert fastattn.explain(q, k, v).chosen == "triton"
+
+
+def test_half_inputs_choose_triton():
+    assert fastattn.explain(*half_inputs()).chosen == "triton"
+
+
+def test_use_backend_forces_and_restores():
+    q, k, v = half_inputs()
+    with fastattn.use_backend("sdpa"):
+        assert fastattn.explain(q, k, v).chosen == "sdpa"
+        with fastattn.use_backend("auto"):
+            assert fastattn.explain(q, k, v).chosen == "triton"
+        assert fastattn.explain(q, k, v).chosen == "sdpa"
+    assert fastattn.explain(q, k, v).chosen == "triton"
+
+
+def test_use_backend_restores_after_an_exception():
+    with pytest.raises(KeyError):
+        with fastattn.use_backend("sdpa"):
+            raise KeyError("boom")
+    assert dispatch.forced_backend() is None
+
+
+def test_forcing_is_per_thread():
+    seen = {}
+    inside = threading.Event()
+    done = threading.Event()
+
+    def other_thread():
+        inside.wait()
+        seen["other"] = dispatch.forced_backend()
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with fastattn.use_backend("sdpa"):
+        inside.set()
+        done.wait()
+    t.join()
+    assert seen["other"] is None
+
+
+def test_forced_backend_that_cannot_run_lists_every_reason():
+    q, k, v = (t.float() for t in half_inputs(E=320))
+    with fastattn.use_backend("triton"):
+        with pytest.raises(fastattn.UnsupportedError) as info:
+            fastattn.scaled_dot_product_attention(q, k, v)
+    message = str(info.value)
+    assert "'triton' was forced" in message and "float32" in message and "head_dim=320" in message
+    for name in fastattn.backends():
+        assert name in message
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend"):
+        with fastattn.use_backend("cudnn-turbo"):
+            pass
+
+
+def test_environment_variable_forces(monkeypatch):
+    q, k, v = half_inputs()
+    monkeypatch.setenv("FASTATTN_BACKEND", "sdpa")
+    assert fastattn.explain(q, k, v).chosen == "sdpa"
+    with fastattn.use_backend("auto"):  # the context manager wins over the environment
+        assert fastattn.explain(q, k, v).chosen == "triton"
+    monkeypatch.setenv("FASTATTN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTATTN_BACKEND"):
+        fastattn.explain(q, k, v)
+
+
+def test_strict_raises_instead_of_falling_back(monkeypatch):
+    q, k, v = (t.float() for t in half_inputs())
+    monkeypatch.setenv("FASTATTN_STRICT", "1")
+    with pytest.raises(fastattn.UnsupportedError, match="FASTATTN_STRICT"):
+        fastattn.scaled_dot_product_attention(q, k, v)
+    fastattn.scaled_dot_product_attention(*half_inputs())  # a kernel can run: fine
+
+
+def test_torch_sdpa_kernel_context_is_respected():
+    q, k, v = half_inputs()
+    with sdpa_kernel([SDPBackend.MATH]):
+        report = fastattn.explain(q, k, v)
+        assert report.chosen == "sdpa"
+        assert any("sdpa_kernel" in r for r in report.reasons("triton"))
+    assert fastattn.explain(q, k, v).chosen == "triton"
+
+
+def test_decisions_are_cached():
+    q, k, v = half_inputs()
+    first = fastattn.explain(q, k, v)
+    q2, k2, v2 = half_inputs()
+    assert fastattn.explain(q2, k2, v2) is first
+
+
+# --------------------------------------------------------------------------- device guard
+
+
+def test_launch_happens_under_the_inputs_device(monkeypatch):
+    """Under device_map, layers live on different GPUs: the launch must run with the
+    tensors' device current, never the process's current device. Record the device
+    context active at launch with a fake torch.cuda.device and a recording kernel."""
+    from fastattn.kernels.triton import flash_fwd
+
+    active = []
+    launches = []
+
+    @contextlib.contextmanager
+    def fake_cuda_device(device):
+        active.append(torch.device(device))
+        try:
+            yield
+        finally:
+            active.pop()
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(list(active))
+            return launch
+
+    monkeypatch.setattr(flash_fwd.torch.cuda, "device", fake_cuda_device)
+    monkeypatch.setattr(flash_fwd, "_flash_fwd_kernel", RecordingKernel())
+    with flash_fwd.device_guard(torch.device("cuda", 1)):
+        assert active == [torch.device("cuda", 1)]
+    assert active == []
+
+    # The launcher wraps the launch in device_guard(q.device); give it a q that claims cuda:1.
+    real_guard = flash_fwd.device_guard
+    monkeypatch.setattr(flash_fwd, "device_guard", lambda device: real_guard(torch.device("cuda", 1)))
+    q, k, v = (t.cpu() for t in half_inputs())
+    flash_fwd.flash_attn_forward(q, k, v, scale=0.1)
+    assert launches == [[torch.device("cuda", 1)]]
+
+
+def test_device_guard_is_a_no_op_on_cpu():
+    from fastattn.kernels.triton.flash_fwd import device_guard
+
+    with device_guard(torch.device("cpu")):
+        pass
+
+
+def test_device_capability_is_cached_per_index(monkeypatch):
+    from fastattn.backends import triton as triton_backend
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: calls.append(i) or (9, 0))
+    triton_backend.device_capability.cache_clear()
+    try:
+        assert triton_backend.device_capability(3) == (9, 0)
+        assert triton_backend.device_capability(3) == (9, 0)
+        assert triton_backend.device_capability(4) == (9, 0)
+        assert calls == [3, 4]
+    finally:
+        triton_backend.device_capability.cache_clear()
+
+
+def test_call_features_are_hashable_and_describe_the_call():
+    q, k, v = half_inputs()
+    call, lead = from_sdpa_args(q, k, v, is_causal=True)
+    hash(call.features)
+    assert call.features.causal and lead == (1, 2)
