@@ -4,12 +4,57 @@
     out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)   # SDPA drop-in
     print(fastattn.explain(q, k, v, is_causal=True))                        # which kernel, and why
     out = fastattn.flash_attn_func(q, k, v, causal=True)                    # flash-attn API
+
+Transformers: ``from_pretrained(..., attn_implementation="fastattn")`` (registered by
+``import fastattn``), or ``fastattn.patch()`` / ``import fastattn.auto`` for every model
+using "sdpa"; ``fastattn.check(model, inputs)`` compares against Transformers' attention.
 """
 from .dispatch import UnsupportedError, backends, use_backend
 from .functional import explain, explain_flash, flash_attn_func, scaled_dot_product_attention
 from .inputs import InvalidInputError
 
 __version__ = "0.1.0"
+
+
+def patch(model=None, *, torch_sdpa: bool = False):
+    """Run Transformers' "sdpa" attention through fastattn (every model, loaded ones
+    included); ``patch(model)`` switches one model to "fastattn" and returns it.
+    ``torch_sdpa=True`` also routes ``torch.nn.functional.scaled_dot_product_attention``.
+    Idempotent; :func:`unpatch` undoes it exactly."""
+    from .integrations import transformers as _hf
+
+    return _hf.patch(model, torch_sdpa=torch_sdpa)
+
+
+def unpatch(model=None):
+    """Undo :func:`patch` (for every model, or for ``model``)."""
+    from .integrations import transformers as _hf
+
+    return _hf.unpatch(model)
+
+
+def check(model, inputs, reference: str = "eager"):
+    """Run a Transformers model with fastattn and with its ``reference`` attention and
+    report the largest differences per layer output on non-padded positions."""
+    from .integrations import transformers as _hf
+
+    return _hf.check(model, inputs, reference=reference)
+
+
+def _register_with_transformers() -> None:
+    # Lazy and guarded: importing Transformers takes seconds, and a broken install
+    # must not break `import fastattn`.
+    try:
+        from .integrations import install_transformers_registration
+
+        install_transformers_registration()
+    except Exception as exc:  # pragma: no cover - defensive
+        import warnings
+
+        warnings.warn(f"fastattn: could not set up the Transformers integration ({type(exc).__name__}: {exc})")
+
+
+_register_with_transformers()
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -20,5 +65,8 @@ __all__ = [
     "backends",
     "UnsupportedError",
     "InvalidInputError",
+    "patch",
+    "unpatch",
+    "check",
     "__version__",
 ]

@@ -1,0 +1,6 @@
+"""``import fastattn.auto``: the one-line drop-in. Every Transformers model using
+"sdpa" attention (the default) runs through fastattn from here on, models already
+loaded included. ``fastattn.unpatch()`` undoes it."""
+from . import patch
+
+patch()

@@ -1,0 +1,454 @@
+"""Hugging Face Transformers integration: the one module that touches Transformers internals.
+
+Three ways in, all ending in :func:`attention_forward`, which turns Transformers'
+arguments into a validated :class:`~fastattn.inputs.AttentionCall` and runs it
+through fastattn's dispatcher (the Triton kernel where it applies, else an exact
+fallback):
+
+- ``from_pretrained(..., attn_implementation="fastattn")`` (also ``from_config``
+  and ``model.set_attn_implementation("fastattn")``): ``import fastattn``
+  registers the name with ``AttentionInterface`` *and* ``AttentionMaskInterface``
+  (a name without a mask function silently gets ``attention_mask=None``).
+- ``fastattn.patch()`` / ``import fastattn.auto``: every model using Transformers'
+  ``"sdpa"`` attention runs through fastattn, loaded models included;
+  ``fastattn.unpatch()`` puts the original back.
+- ``fastattn.patch(model)``: switch one loaded model.
+
+Semantics follow Transformers' own SDPA path (``integrations/sdpa_attention.py``)
+so that outputs match it: the same causality rule, the same treatment of
+``position_bias``, and masks produced by the same mask functions. What SDPA
+ignores or rejects (``softcap``, ``s_aux`` sinks, ``output_attentions``) is
+computed exactly, never dropped.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .. import dispatch
+from ..backends.sdpa import combine_masks, positional_bias, torch_sdpa
+from ..functional import attention
+from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args
+
+__all__ = [
+    "NAME",
+    "attention_forward",
+    "mask_function",
+    "register",
+    "patch",
+    "unpatch",
+    "is_patched",
+    "check",
+    "record_backends",
+    "CallRecord",
+]
+
+NAME = "fastattn"  # no "flash", "sdpa" or "/": Transformers gives those names special meanings
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- which backend ran
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One attention call as run by :func:`attention_forward`."""
+
+    module: str  # e.g. "LlamaAttention[layer 0]"
+    backend: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # (B, Hq, L, S)
+    why_not_triton: tuple[str, ...]  # the triton backend's reasons when it did not run
+
+
+_records: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastattn_hf_records", default=None)
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[list[CallRecord]]:
+    """Collect a :class:`CallRecord` for every attention call made inside the block."""
+    records: list[CallRecord] = []
+    token = _records.set(records)
+    try:
+        yield records
+    finally:
+        _records.reset(token)
+
+
+def _record(module, call: AttentionCall) -> None:
+    records = _records.get()
+    if records is None:
+        return
+    decision = dispatch.explain_call(call)
+    layer = getattr(module, "layer_idx", None)
+    name = type(module).__name__ + (f"[layer {layer}]" if layer is not None else "")
+    triton_reasons = () if decision.chosen == "triton" else dict(decision.verdicts).get("triton", ("not registered",))
+    records.append(CallRecord(name, decision.chosen or "none", call.q.dtype,
+                              (call.q.shape[0], call.q.shape[1], call.seqlen_q, call.seqlen_k), tuple(triton_reasons)))
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def _as_dtype(value) -> Optional[torch.dtype]:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        found = getattr(torch, value.removeprefix("torch."), None)
+        return found if isinstance(found, torch.dtype) else None
+    return None
+
+
+def _compute_dtype(module, device_type: str) -> Optional[torch.dtype]:
+    """The half-precision dtype fp32 activations should run in, or None to keep fp32.
+
+    Autocast first (what the user asked for), then a quantized model's compute
+    dtype / model dtype (PEFT k-bit training upcasts norms and adapters to fp32,
+    so the module's own parameters say nothing there), else the dtype of the
+    module's floating-point parameters.
+    """
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return dtype if dtype in HALF_DTYPES else None
+    config = getattr(module, "config", None)
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:
+        compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else getattr(quant, "bnb_4bit_compute_dtype", None)
+        for candidate in (_as_dtype(compute), _as_dtype(getattr(config, "dtype", None))):
+            if candidate in HALF_DTYPES:
+                return candidate
+        return None
+    for p in module.parameters(recurse=True):
+        if p.is_floating_point():
+            return p.dtype if p.dtype in HALF_DTYPES else None
+    dtype = _as_dtype(getattr(config, "dtype", None))
+    return dtype if dtype in HALF_DTYPES else None
+
+
+# --------------------------------------------------------------------------- the attention function
+
+
+def _padding_free_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, L: int, S: int) -> torch.Tensor:
+    """(1, 1, L, S) bool: query and key in the same packed sequence (cu_seq_lens given, no mask)."""
+    seg_q = torch.searchsorted(cu_q[1:].to(torch.long), torch.arange(L, device=cu_q.device), right=True)
+    seg_k = torch.searchsorted(cu_k[1:].to(torch.long), torch.arange(S, device=cu_k.device), right=True)
+    return (seg_q[:, None] == seg_k[None, :]).view(1, 1, L, S)
+
+
+def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> AttentionCall:
+    """Transformers' arguments -> one validated AttentionCall, with the semantics of
+    Transformers' SDPA path (``sdpa_attention_forward``)."""
+    L, S = query.shape[2], key.shape[2]
+    is_causal = kwargs.get("is_causal")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = attention_mask
+    if mask is None:
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if cu_q is not None and query.shape[0] == 1 and cu_q.numel() > 2:
+            mask = _padding_free_mask(cu_q, cu_k if cu_k is not None else cu_q, L, S)
+    # As Transformers' SDPA path: causal only with no mask (a mask already holds the
+    # causal pattern) and never for one query (decoding sees every cached key). With
+    # no mask and more keys than queries (prefill into an empty static cache) the
+    # alignment stays top-left, as SDPA's: the keys past the queries are not filled yet.
+    causal = bool(is_causal) and L > 1 and mask is None
+    window = (-1, -1)
+    sliding_window = kwargs.get("sliding_window")
+    if causal and sliding_window is not None and sliding_window > 0:
+        # Transformers' window includes the current token: kv_idx > q_idx - W, i.e. W - 1 keys to the left.
+        # With a mask, the mask function has already applied it (in absolute positions).
+        window = (int(sliding_window) - 1, 0)
+
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5-style additive bias, combined as Transformers does
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = torch.where(mask, position_bias, torch.finfo(position_bias.dtype).min)
+        else:
+            mask = position_bias + mask
+    if mask is not None and mask.dtype != torch.bool and mask.dtype not in (query.dtype, torch.float32):
+        mask = mask.float()
+
+    call, _ = from_sdpa_args(query, key, value, attn_mask=mask, dropout_p=float(dropout or 0.0), is_causal=False,
+                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    softcap = kwargs.get("softcap")
+    softcap = float(softcap) if softcap else 0.0
+    if softcap < 0 or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be a finite float >= 0, got {softcap}")
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        if sinks.shape != (query.shape[1],):
+            raise ValueError(f"s_aux must have one logit per query head, shape ({query.shape[1]},); got {tuple(sinks.shape)}")
+        sinks = sinks.to(query.device)
+    return replace(call, causal=causal, window=window, softcap=softcap, sinks=sinks)
+
+
+def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention spelled out in fp32, returning the probabilities too (output_attentions)."""
+    q, k, v = call.q.float(), call.k.float(), call.v.float()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, k.transpose(-2, -1)) * call.scale
+    if call.softcap > 0:
+        s = call.softcap * torch.tanh(s / call.softcap)
+    mask = combine_masks(call.mask, positional_bias(call))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    if call.sinks is not None:
+        s = torch.cat([s, call.sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if call.sinks is not None:
+        p = p[..., :-1]
+    if call.dropout_p > 0:
+        p = torch.nn.functional.dropout(p, call.dropout_p)
+    return torch.matmul(p, v).to(call.q.dtype), p.to(call.q.dtype)
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      **kwargs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Transformers' attention-function interface.
+
+    query ``(B, Hq, L, D)``, key/value ``(B, Hkv, S, D/Dv)`` (often non-contiguous
+    views), ``attention_mask`` as made by :func:`mask_function` (or Transformers'
+    ``sdpa_mask`` when patched in as ``"sdpa"``): None, bool (True = attend) or
+    additive float, broadcastable to ``(B, Hq, L, S)``. Returns
+    ``((B, L, Hq, Dv) contiguous, None)``; with ``output_attentions=True`` the
+    second item is the attention probabilities (computed by exact eager math).
+
+    Keyword arguments real models pass: ``is_causal``, ``sliding_window``,
+    ``softcap`` (Gemma2), ``s_aux`` (GPT-OSS sinks), ``position_bias`` (T5),
+    ``cu_seq_lens_q/k`` (padding-free batches); the rest are ignored as SDPA does.
+    """
+    in_dtype = query.dtype
+    if in_dtype == torch.float32:
+        target = _compute_dtype(module, query.device.type)
+        if target is not None:
+            _warn_once(f"upcast-{target}",
+                       f"fastattn: float32 activations reached the attention of a {target} model "
+                       "(norms upcast for k-bit training?); attention runs in " f"{target} and returns float32")
+            query, key, value = query.to(target), key.to(target), value.to(target)
+    call = _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    device_ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
+    with device_ctx:  # device maps: launch on this layer's device (and its current stream)
+        if kwargs.get("output_attentions"):
+            _warn_once("output_attentions",
+                       "fastattn: output_attentions=True computes attention with eager math (slower) to return the weights")
+            out, weights = _eager_with_weights(call)
+        else:
+            _record(module, call)
+            out, _ = attention(call)
+            weights = None
+    out = out.transpose(1, 2).contiguous()
+    if out.dtype != in_dtype:
+        out = out.to(in_dtype)
+    return out, weights
+
+
+# --------------------------------------------------------------------------- the mask function
+
+
+def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                  mask_function=None, attention_mask: Optional[torch.Tensor] = None, local_size=None,
+                  allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False,
+                  use_vmap: bool = False, device="cpu", **kwargs):
+    """The mask for ``attn_implementation="fastattn"``: exactly Transformers' ``sdpa_mask``
+    (None where SDPA would use ``is_causal``, else a (B, 1, L, S) bool mask), except that a
+    plain bidirectional padding mask is returned as a stride-0 view of the (B, S) padding
+    instead of a materialized (B, 1, L, S) tensor (same values; the kernel reads it as is)."""
+    from transformers import masking_utils
+
+    factory = masking_utils.causal_mask_function if mask_function is None else mask_function
+    if (factory is masking_utils.bidirectional_mask_function and not use_vmap and local_size is None
+            and attention_mask is not None and attention_mask.dim() == 2 and not torch.compiler.is_compiling()):
+        padding = attention_mask.to(device=device, dtype=torch.bool)
+        short = kv_offset + kv_length - padding.shape[-1]
+        if short > 0:
+            padding = torch.nn.functional.pad(padding, (0, short))
+        padding = padding[:, kv_offset:kv_offset + kv_length]
+        if allow_is_bidirectional_skip and bool(padding.all()):
+            return None
+        return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+    return masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                                   kv_offset=kv_offset, mask_function=factory, attention_mask=attention_mask,
+                                   local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
+                                   allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
+                                   device=device, **kwargs)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register_attention(modeling_utils) -> None:
+    modeling_utils.AttentionInterface.register(NAME, attention_forward)
+
+
+def register_mask(masking_utils) -> None:
+    masking_utils.AttentionMaskInterface.register(NAME, mask_function)
+
+
+def register() -> None:
+    """Register ``"fastattn"`` with Transformers (imports Transformers)."""
+    from transformers import masking_utils, modeling_utils
+
+    register_attention(modeling_utils)
+    register_mask(masking_utils)
+
+
+# --------------------------------------------------------------------------- patch / unpatch
+
+_originals: dict[str, Any] = {}  # what patch() replaced, to put back exactly
+_PREVIOUS_ATTR = "_fastattn_previous_attn_implementation"
+
+
+def _sdpa_drop_in(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention`` routed through fastattn
+    (its fallback calls torch's saved original, so this never recurses)."""
+    from ..functional import scaled_dot_product_attention
+
+    return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def is_patched() -> bool:
+    return "sdpa" in _originals
+
+
+def patch(model=None, *, torch_sdpa: bool = False):
+    """Route Transformers' ``"sdpa"`` attention through fastattn (idempotent).
+
+    ``patch()`` affects every model, already loaded ones included (models look the
+    function up at each forward). ``patch(model)`` instead switches one loaded model
+    to ``attn_implementation="fastattn"`` and returns it. ``torch_sdpa=True`` also
+    replaces ``torch.nn.functional.scaled_dot_product_attention`` itself.
+    """
+    register()
+    if model is not None:
+        if not hasattr(model, _PREVIOUS_ATTR):
+            setattr(model, _PREVIOUS_ATTR, model.config._attn_implementation)
+        model.set_attn_implementation(NAME)
+        return model
+    from transformers import modeling_utils
+
+    mapping = modeling_utils.AttentionInterface._global_mapping
+    if "sdpa" not in _originals:
+        _originals["sdpa"] = mapping["sdpa"]
+        mapping["sdpa"] = attention_forward
+    if torch_sdpa and "torch_sdpa" not in _originals:
+        _originals["torch_sdpa"] = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = _sdpa_drop_in
+    return None
+
+
+def unpatch(model=None):
+    """Undo :func:`patch` exactly (idempotent); ``unpatch(model)`` restores that
+    model's previous attention implementation and returns it."""
+    if model is not None:
+        previous = getattr(model, _PREVIOUS_ATTR, None)
+        if previous is not None:
+            model.set_attn_implementation(previous)
+            delattr(model, _PREVIOUS_ATTR)
+        return model
+    if "sdpa" in _originals:
+        from transformers import modeling_utils
+
+        modeling_utils.AttentionInterface._global_mapping["sdpa"] = _originals.pop("sdpa")
+    if "torch_sdpa" in _originals:
+        torch.nn.functional.scaled_dot_product_attention = _originals.pop("torch_sdpa")
+    return None
+
+
+# --------------------------------------------------------------------------- check
+
+
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (1e-2, 1e-2)}  # (atol, rtol)
+
+
+@dataclass
+class CheckReport:
+    """Largest differences between fastattn and a reference attention, per layer output."""
+
+    reference: str
+    dtype: torch.dtype
+    atol: float
+    rtol: float
+    layers: list[tuple[str, float, float]]  # (name, max abs diff, allowed)
+    backends: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return all(diff <= allowed for _, diff, allowed in self.layers)
+
+    @property
+    def max_diff(self) -> float:
+        return max((d for _, d, _ in self.layers), default=0.0)
+
+    def __str__(self) -> str:
+        lines = [f"fastattn vs {self.reference} ({self.dtype}, non-padded positions; "
+                 f"allowed atol {self.atol:g} + rtol {self.rtol:g} x |reference|)"]
+        for name, diff, allowed in self.layers:
+            lines.append(f"  {name:<24} max |diff| {diff:.3e}  (allowed {allowed:.1e})  {'ok' if diff <= allowed else 'FAIL'}")
+        lines.append("  backends used: " + (", ".join(f"{k} x{v}" for k, v in self.backends.items()) or "none"))
+        lines.append("  result: " + ("ok" if self.ok else "MISMATCH"))
+        return "\n".join(lines)
+
+
+def _layer_outputs(model, inputs) -> list[tuple[str, torch.Tensor]]:
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, return_dict=True)
+    named = []
+    for key in ("encoder_hidden_states", "decoder_hidden_states", "hidden_states"):
+        if key == "hidden_states" and named:
+            break
+        named += [(f"{key}[{i}]", t) for i, t in enumerate(out.get(key) or ())]
+    for key in ("last_hidden_state", "logits"):
+        if out.get(key) is not None:
+            named.append((key, out[key]))
+    return named
+
+
+def check(model, inputs: dict, reference: str = "eager") -> CheckReport:
+    """Run ``model(**inputs)`` with fastattn and with Transformers' ``reference`` attention
+    and report the largest difference of every layer output on non-padded positions
+    (``inputs["attention_mask"]``), against the tolerance for the model's dtype.
+    The model's attention implementation is restored afterwards."""
+    register()
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(reference)
+        ref = _layer_outputs(model, inputs)
+        model.set_attn_implementation(NAME)
+        with record_backends() as records:
+            got = _layer_outputs(model, inputs)
+    finally:
+        model.set_attn_implementation(previous)
+    keep = inputs.get("attention_mask")
+    dtype = ref[0][1].dtype if ref else torch.float32
+    atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    layers = []
+    for (name, a), (_, b) in zip(got, ref):
+        if keep is not None and a.dim() >= 2 and a.shape[:2] == keep.shape:
+            sel = keep.to(a.device).bool()
+            a, b = a[sel], b[sel]
+        diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        allowed = atol + rtol * (b.double().abs().max().item() if b.numel() else 0.0)
+        layers.append((name, diff, allowed))
+    backends: dict[str, int] = {}
+    for r in records:
+        backends[r.backend] = backends.get(r.backend, 0) + 1
+    return CheckReport(reference, dtype, atol, rtol, layers, backends)
