@@ -80,7 +80,7 @@ def math_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 class SDPABackend(Backend):
     name = "sdpa"
-    description = "torch.nn.functional.scaled_dot_product_attention (any device and dtype); exact math for softcap"
+    description = "torch.nn.functional.scaled_dot_product_attention (any device and dtype); exact math for softcap and sinks"
 
     def not_supported_reasons(self, features: Features) -> list[str]:
         return []
