@@ -157,10 +157,6 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     is_causal = kwargs.get("is_causal")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = attention_mask
-    if mask is None:
-        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-        if cu_q is not None and query.shape[0] == 1 and cu_q.numel() > 2:
-            mask = _padding_free_mask(cu_q, cu_k if cu_k is not None else cu_q, L, S)
     # As Transformers' SDPA path: causal only with no mask (a mask already holds the
     # causal pattern) and never for one query (decoding sees every cached key). With
     # no mask and more keys than queries (prefill into an empty static cache) the
@@ -173,6 +169,10 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
         # With a mask, the mask function has already applied it (in absolute positions).
         window = (int(sliding_window) - 1, 0)
 
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if mask is None and cu_q is not None and query.shape[0] == 1 and cu_q.numel() > 2:
+        # Padding-free batch handed over without a mask: keep each packed sequence to itself.
+        mask = _padding_free_mask(cu_q, cu_k if cu_k is not None else cu_q, L, S)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5-style additive bias, combined as Transformers does
         if mask is None:
@@ -181,6 +181,16 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
             mask = torch.where(mask, position_bias, torch.finfo(position_bias.dtype).min)
         else:
             mask = position_bias + mask
+    if causal and mask is not None:
+        # A mask built here from cu_seq_lens or position_bias: fold the causal pattern
+        # (and window) into it, as Transformers' create_position_bias_mask does.
+        i = torch.arange(L, device=query.device)[:, None]
+        j = torch.arange(S, device=query.device)[None, :]
+        keep = j <= i
+        if window[0] >= 0:
+            keep = keep & (j >= i - window[0])
+        mask = mask & keep if mask.dtype == torch.bool else torch.where(keep, mask, torch.finfo(mask.dtype).min)
+        causal, window = False, (-1, -1)
     if mask is not None and mask.dtype != torch.bool and mask.dtype not in (query.dtype, torch.float32):
         mask = mask.float()
 
