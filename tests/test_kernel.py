@@ -226,3 +226,45 @@ def test_triton_writes_every_output(dtype):
     ref, ref_lse = reference_attention(q, k, v, scale=0.3, causal=True)
     ref_lowp, _ = reference_attention(q, k, v, scale=0.3, causal=True, compute_dtype=None)
     assert_close_by_rule(out, ref.float(), ref_lowp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("L", [1, 5, 16])
+@pytest.mark.parametrize("features", ["plain", "causal_window", "sinks_mask", "all_masked_row"])
+def test_triton_split_kv(dtype, L, features):
+    """Split-KV decode path: keys cut into chunks whose partial results are merged
+    by their log-sum-exp; chunks that see no key (window, mask) must drop out cleanly."""
+    from fastattn.kernels.triton.flash_fwd import flash_attn_forward
+
+    S = 203
+    q, k, v = make(2, 4, 2, L, S, 64, dtype=dtype)
+    kwargs, ref_kwargs = {}, {}
+    if features == "causal_window":
+        kwargs = dict(causal_bounds=(40, 0), diag_offset=S - L)
+        ref_kwargs = dict(window=(40, 0), lower_right=True)
+    elif features in ("sinks_mask", "all_masked_row"):
+        mask = torch.rand(2, 1, L, S, device=DEVICE) > 0.5
+        if features == "all_masked_row":
+            mask[0, :, 0] = False
+        sinks = torch.randn(4, device=DEVICE)
+        kwargs = dict(mask=mask, sinks=sinks if features == "sinks_mask" else None)
+        ref_kwargs = dict(mask=mask, sinks=kwargs["sinks"])
+    out, lse = flash_attn_forward(q, k, v, scale=0.125, num_splits=4, **kwargs)
+    ref, ref_lse = reference_attention(q, k, v, scale=0.125, **ref_kwargs)
+    ref_lowp, _ = reference_attention(q, k, v, scale=0.125, compute_dtype=None, **ref_kwargs)
+    assert_close_by_rule(out, ref.float(), ref_lowp)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-2, rtol=1e-3)
+
+
+def test_split_count_follows_the_gpu(monkeypatch):
+    from fastattn.kernels.triton import flash_fwd
+
+    monkeypatch.setattr(flash_fwd, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert flash_fwd.choose_num_splits(programs=32, seqlen_k=65536, block_n=128, device=cuda) == 9
+    assert flash_fwd.choose_num_splits(programs=32, seqlen_k=512, block_n=128, device=cuda) == 1
+    assert flash_fwd.choose_num_splits(programs=4096, seqlen_k=65536, block_n=128, device=cuda) == 1
+    assert flash_fwd.choose_num_splits(programs=1, seqlen_k=1 << 20, block_n=128, device=cuda) == 64
+    assert flash_fwd.choose_num_splits(programs=1, seqlen_k=1 << 20, block_n=128, device=torch.device("cpu")) == 1

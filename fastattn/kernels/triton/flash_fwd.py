@@ -13,6 +13,7 @@ the keys. Explicit masks and ALiBi are applied in every block.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -110,6 +111,7 @@ def _flash_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh,
+    stride_os, stride_ls, split_size,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_sb, stride_sh,
     num_heads, kv_group, seqlen_q, seqlen_k,
@@ -119,9 +121,14 @@ def _flash_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
+    if HAS_RIGHT:
+        # Causal row blocks get longer with start_m: start the long ones first so the
+        # short ones fill the tail of the launch.
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
@@ -147,8 +154,9 @@ def _flash_fwd_kernel(
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh) * 1.4426950408889634
 
-    if HAS_SINKS:
+    if HAS_SINKS and not SPLIT:
         # The sink is a logit with no value: it starts the running max and sum.
+        # (With split keys, the combine step adds it once.)
         sink = tl.load(Sinks + off_h).to(tl.float32) * 1.4426950408889634
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
@@ -174,6 +182,18 @@ def _flash_fwd_kernel(
     mid_lo = tl.minimum(mid_lo, hi)
     mid_hi = tl.maximum(mid_hi, mid_lo)
     lo = tl.minimum(lo, mid_lo)
+    if SPLIT:
+        # Split-KV (decode): this program sees keys [split_lo, split_hi) only, a
+        # multiple of BLOCK_N, so every run below stays block aligned.
+        split = tl.program_id(2)
+        split_lo = split * split_size
+        split_hi = split_lo + split_size
+        lo = tl.maximum(lo, split_lo)
+        mid_lo = tl.minimum(tl.maximum(mid_lo, split_lo), split_hi)
+        mid_hi = tl.minimum(tl.maximum(mid_hi, split_lo), split_hi)
+        hi = tl.minimum(hi, split_hi)
+        Out += split.to(tl.int64) * stride_os
+        Lse += split.to(tl.int64) * stride_ls
 
     for start_n in range(lo, mid_lo, BLOCK_N):
         acc, m_i, l_i = _block_update(
@@ -199,9 +219,11 @@ def _flash_fwd_kernel(
 
     # Rows with no visible key: output 0 (as torch >= 2.5) and lse = +inf, so that a
     # backward pass computing exp(s - lse) gets 0 there.
+    # (A split's partial result marks them -inf instead: "contributes nothing" to the combine.)
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf") if SPLIT else float("inf"),
+                   (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
 
     o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh \
         + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
@@ -209,6 +231,46 @@ def _flash_fwd_kernel(
              mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
     l_ptrs = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m
     tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    PartOut, PartLse, Out, Lse, Sinks,
+    stride_ps, stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_qs, stride_qb, stride_qh,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    num_heads, num_splits,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
+):
+    """Merge the split-KV partial results of one query row: weights exp(lse_s - lse)."""
+    row = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_DV)
+    base = off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + row
+    lse_s = tl.load(PartLse + base + offs_s * stride_qs, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + off_h).to(tl.float32)
+        m = tl.maximum(m, sink)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp(sink - m_safe)
+    empty = total == 0.0
+    w = w / tl.where(empty, 1.0, total)
+    p_ptrs = PartOut + off_b.to(tl.int64) * stride_pb + off_h.to(tl.int64) * stride_ph + row * stride_pm \
+        + offs_s[:, None] * stride_ps + offs_d[None, :] * stride_pd
+    part = tl.load(p_ptrs, mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM_V), other=0.0)
+    out = tl.sum(part * w[:, None], 0)
+    o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + row * stride_om + offs_d * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM_V)
+    lse = tl.where(empty, float("inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
+    tl.store(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + row, lse)
 
 
 # --------------------------------------------------------------------------- block sizes
@@ -221,20 +283,42 @@ def block_config(head_dim: int, head_dim_v: int, seqlen_q: int) -> dict:
     cross several blocks and every edge run of the key loop executes.
     On the GPU: 128-row query blocks keep Hopper's warpgroup MMAs busy; the key
     block shrinks as the head dim grows so the K/V tiles fit shared memory.
+    Short queries (decode) take 16-row blocks and long key blocks: they are
+    bound by reading K/V, not by the matrix units.
     """
     d = max(head_dim, head_dim_v)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if seqlen_q <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=128 if d <= 128 else 64, num_warps=4, num_stages=3)
     if d <= 64:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     elif d <= 128:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if seqlen_q <= 64:  # decode-like: don't waste most of a 128-row tile
-        cfg["BLOCK_M"] = 64 if seqlen_q > 16 else 16
-        cfg["num_warps"] = 4
+    if seqlen_q <= 64:  # don't waste most of a 128-row tile
+        cfg.update(BLOCK_M=64, num_warps=4)
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(programs: int, seqlen_k: int, block_n: int, device: torch.device) -> int:
+    """Split the keys when too few (batch, head, row-block) programs exist to fill the
+    GPU (decode: one query row per head): aim for two waves of programs, each
+    split at least four key blocks long."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    by_occupancy = triton.cdiv(2 * sms, programs)
+    by_length = seqlen_k // (4 * block_n)
+    return max(1, min(by_occupancy, by_length, 64))
 
 
 # --------------------------------------------------------------------------- launcher
@@ -249,8 +333,19 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _smaller(cfg: dict) -> dict:
+    """The next config to try when one does not fit the GPU's shared memory."""
+    if cfg["num_stages"] > 1:
+        return dict(cfg, num_stages=cfg["num_stages"] - 1)
+    if cfg["BLOCK_N"] > 16:
+        return dict(cfg, BLOCK_N=cfg["BLOCK_N"] // 2)
+    if cfg["BLOCK_M"] > 16:
+        return dict(cfg, BLOCK_M=cfg["BLOCK_M"] // 2)
+    return {}
+
+
 def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
-                       softcap=0.0, alibi_slopes=None, sinks=None, out=None, config=None):
+                       softcap=0.0, alibi_slopes=None, sinks=None, out=None, config=None, num_splits=None):
     """Run the kernel.
 
     q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev), any strides;
@@ -258,14 +353,15 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     causal_bounds: (left, right) key bounds around the diagonal, -1 = unbounded;
     alibi_slopes: None or (B or 1, Hq) float32; sinks: None or (Hq,) logits.
     out: optional preallocated (B, Hq, L, Ev) output, any strides.
+    config: block sizes (see block_config); num_splits: split-KV factor (None = choose).
     Returns out (B, Hq, L, Ev) laid out like q, and lse (B, Hq, L) float32.
     """
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    # Output memory in q's layout: (B, L, H, Ev) when q is a transposed (B, L, H, E) buffer.
     if out is not None:
-        assert out.shape == (B, Hq, L, Ev) and out.dtype == q.dtype, "out must be (B, Hq, L, Ev) in q's dtype"
-    elif q.stride(1) < q.stride(2):
+        if out.shape != (B, Hq, L, Ev) or out.dtype != q.dtype:
+            raise ValueError(f"out must be {(B, Hq, L, Ev)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    elif q.stride(1) < q.stride(2):  # q is a transposed (B, L, H, E) buffer: write the output the same way
         out = torch.empty((B, L, Hq, Ev), dtype=q.dtype, device=q.device).transpose(1, 2)
     else:
         out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
@@ -283,32 +379,63 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     else:
         slopes_arg = alibi_slopes.expand(B, Hq)
         sstrides = (slopes_arg.stride(0), slopes_arg.stride(1))
+    sinks_arg = q if sinks is None else sinks.contiguous()
 
     left, right = causal_bounds
     log2e = 1.4426950408889634
     cfg = dict(config or block_config(E, Ev, L))
-    block_m = cfg.pop("BLOCK_M")
-    block_n = cfg.pop("BLOCK_N")
     block_d = max(16, triton.next_power_of_2(E))
     block_dv = max(16, triton.next_power_of_2(Ev))
-    grid = (triton.cdiv(L, block_m), B * Hq)
+
     with device_guard(q.device):
-        _flash_fwd_kernel[grid](
-            q, k, v, out, lse, mask_arg, slopes_arg, q if sinks is None else sinks.contiguous(),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            lse.stride(0), lse.stride(1),
-            *mstrides, *sstrides,
-            Hq, Hq // Hkv, L, S,
-            diag_offset, left, right,
-            scale * log2e,
-            (scale / softcap) if softcap > 0 else 0.0,
-            (softcap * log2e) if softcap > 0 else 0.0,
-            HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-            MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-            HAS_SINKS=sinks is not None,
-            UPCAST=interpreting(),
-            **cfg,
-        )
+        while True:
+            block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+            m_blocks = triton.cdiv(L, block_m)
+            splits = num_splits or choose_num_splits(m_blocks * B * Hq, S, block_n, q.device)
+            splits = max(1, min(splits, triton.cdiv(S, block_n)))
+            split_size = triton.cdiv(triton.cdiv(S, block_n), splits) * block_n
+            splits = triton.cdiv(S, split_size)
+            if splits > 1:
+                part_out = torch.empty((splits, B, Hq, L, Ev), dtype=torch.float32, device=q.device)
+                part_lse = torch.empty((splits, B, Hq, L), dtype=torch.float32, device=q.device)
+                dst_out, dst_lse = part_out[0], part_lse[0]
+                split_strides = (part_out.stride(0), part_lse.stride(0))
+            else:
+                dst_out, dst_lse, split_strides = out, lse, (0, 0)
+            try:
+                _flash_fwd_kernel[(m_blocks, B * Hq, splits)](
+                    q, k, v, dst_out, dst_lse, mask_arg, slopes_arg, sinks_arg,
+                    *q.stride(), *k.stride(), *v.stride(), *dst_out.stride(),
+                    dst_lse.stride(0), dst_lse.stride(1),
+                    *split_strides, split_size,
+                    *mstrides, *sstrides,
+                    Hq, Hq // Hkv, L, S,
+                    diag_offset, left, right,
+                    scale * log2e,
+                    (scale / softcap) if softcap > 0 else 0.0,
+                    (softcap * log2e) if softcap > 0 else 0.0,
+                    HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                    HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                    MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                    HAS_SINKS=sinks is not None, SPLIT=splits > 1,
+                    UPCAST=interpreting(),
+                    **cfg,
+                )
+            except triton.runtime.errors.OutOfResources:
+                # Smaller GPUs (e.g. 99 KB of shared memory on sm_86/89) cannot hold every
+                # config tuned for Hopper: step down until one fits.
+                cfg = _smaller(cfg)
+                if not cfg:
+                    raise
+                continue
+            break
+        if splits > 1:
+            _combine_splits_kernel[(L, B * Hq)](
+                part_out, part_lse, out, lse, sinks_arg,
+                *part_out.stride(), *part_lse.stride()[:3],
+                *out.stride(), lse.stride(0), lse.stride(1),
+                Hq, splits,
+                HEAD_DIM_V=Ev, BLOCK_DV=block_dv, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+                HAS_SINKS=sinks is not None,
+            )
     return out, lse

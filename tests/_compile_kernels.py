@@ -1,0 +1,86 @@
+"""Compile the Triton kernels for a GPU target without a GPU (used by test_triton_compile.py).
+
+Runs as its own process: the test session has TRITON_INTERPRET=1 set, under which
+Triton hands out interpreted functions that cannot be compiled.
+Usage: python tests/_compile_kernels.py ARCH VARIANT [VARIANT ...]; prints one JSON line per variant.
+"""
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastattn.kernels.triton import flash_fwd  # noqa: E402
+
+FLOAT_ARGS = {"qk_scale", "softcap_in", "softcap_out"}
+
+
+def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    signature = {}
+    for name in fn.arg_names:
+        if name in pointers:
+            signature[name] = "*" + pointers[name]
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8", left=False, right=True,
+                    softcap=False, alibi=False, sinks=False, split=False):
+    Ev = E if Ev is None else Ev
+    cfg = flash_fwd.block_config(E, Ev, L)
+    pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": "fp32" if split else dtype, "Lse": "fp32",
+                "Mask": mask_dtype if mask else dtype, "Slopes": "fp32" if alibi else dtype,
+                "Sinks": "fp32" if sinks else dtype}
+    constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
+                      BLOCK_DV=max(16, triton.next_power_of_2(Ev)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                      HAS_LEFT=left, HAS_RIGHT=right, MASK_KIND=mask, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
+                      HAS_SINKS=sinks, SPLIT=split, UPCAST=False)
+    return pointers, constexprs, cfg["num_warps"], cfg["num_stages"]
+
+
+VARIANTS = {
+    "bf16_hd128_causal": dict(),
+    "fp16_hd64_full": dict(dtype="fp16", E=64, right=False),
+    "bf16_hd256": dict(E=256),
+    "fp16_hd59_ev40_window": dict(dtype="fp16", E=59, Ev=40, left=True),
+    "bf16_bool_mask_softcap_alibi_sinks": dict(mask=1, softcap=True, alibi=True, sinks=True, left=True),
+    "fp16_float_mask": dict(dtype="fp16", mask=2, mask_dtype="fp32", right=False),
+    "bf16_decode_split": dict(L=1, right=False, split=True, sinks=True),
+}
+
+
+
+
+def main(argv):
+    arch = int(argv[0])
+    for name in argv[1:]:
+        try:
+            if name == "combine":
+                pointers = {"PartOut": "fp32", "PartLse": "fp32", "Out": "bf16", "Lse": "fp32", "Sinks": "fp32"}
+                constexprs = dict(HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_S=16, HAS_SINKS=True)
+                kernel = compile_kernel(flash_fwd._combine_splits_kernel, pointers, constexprs, arch, 4, 1)
+                block_m = 0
+            else:
+                pointers, constexprs, warps, stages = forward_variant(**VARIANTS[name])
+                kernel = compile_kernel(flash_fwd._flash_fwd_kernel, pointers, constexprs, arch, warps, stages)
+                block_m = constexprs["BLOCK_M"]
+            ptx = kernel.asm["ptx"]
+            print(json.dumps(dict(variant=name, ok=True, wgmma="wgmma" in ptx, mma="mma" in ptx,
+                                  block_m=block_m, shared=kernel.metadata.shared)), flush=True)
+        except Exception as exc:
+            print(json.dumps(dict(variant=name, ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
