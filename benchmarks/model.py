@@ -1,0 +1,230 @@
+"""A Llama-shaped model with random weights: prefill and decode tokens/s, and the
+peak memory of a padded batch, with torch SDPA vs fastattn as the attention.
+
+    python -m benchmarks.model                      # GPU: 4 layers of Llama-3-8B, bf16
+    python -m benchmarks.model --layers 2 --prefill 2x2048 --decode 8x4096
+    python -m benchmarks.model --tiny               # CPU-sized dry run of the same code
+
+The model is written out here (embedding, RMSNorm, RoPE, GQA attention, SwiGLU
+MLP, a static KV cache) so that the one thing that differs between the two runs
+is the attention function: ``torch.nn.functional.scaled_dot_product_attention``
+or ``fastattn.scaled_dot_product_attention``, called with the same arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastattn
+
+from .measure import run_info, time_cuda
+from .report import append_rows
+
+ATTENTION = {"sdpa": F.scaled_dot_product_attention, "fastattn": fastattn.scaled_dot_product_attention}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 4096  # Llama-3-8B
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    ffn: int = 14336
+    vocab: int = 128256
+    layers: int = 4
+    rope_theta: float = 500000.0
+
+
+TINY = Shape(hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512, vocab=1000, layers=2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE on (B, H, L, D) with cos/sin (L, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, s: Shape):
+        super().__init__()
+        self.s = s
+        self.q = nn.Linear(s.hidden, s.heads * s.head_dim, bias=False)
+        self.k = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=False)
+        self.v = nn.Linear(s.hidden, s.kv_heads * s.head_dim, bias=False)
+        self.o = nn.Linear(s.heads * s.head_dim, s.hidden, bias=False)
+        self.gate = nn.Linear(s.hidden, s.ffn, bias=False)
+        self.up = nn.Linear(s.hidden, s.ffn, bias=False)
+        self.down = nn.Linear(s.ffn, s.hidden, bias=False)
+        self.norm1, self.norm2 = RMSNorm(s.hidden), RMSNorm(s.hidden)
+
+    def forward(self, x, cos, sin, cache, pos: int, attn, mask):
+        B, L, _ = x.shape
+        s = self.s
+        h = self.norm1(x)
+        # (B, L, H, D) -> (B, H, L, D) views, as Transformers hands them to SDPA.
+        q = rope(self.q(h).view(B, L, s.heads, s.head_dim).transpose(1, 2), cos, sin)
+        k = rope(self.k(h).view(B, L, s.kv_heads, s.head_dim).transpose(1, 2), cos, sin)
+        v = self.v(h).view(B, L, s.kv_heads, s.head_dim).transpose(1, 2)
+        if cache is not None:  # static cache (B, Hkv, max_len, D): write this step, attend to all so far
+            cache[0][:, :, pos:pos + L] = k
+            cache[1][:, :, pos:pos + L] = v
+            k, v = cache[0][:, :, :pos + L], cache[1][:, :, :pos + L]
+        causal = mask is None and L > 1
+        a = attn(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=s.heads != s.kv_heads)
+        x = x + self.o(a.transpose(1, 2).reshape(B, L, s.heads * s.head_dim))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, s: Shape):
+        super().__init__()
+        self.s = s
+        self.embed = nn.Embedding(s.vocab, s.hidden)
+        self.blocks = nn.ModuleList(Block(s) for _ in range(s.layers))
+        self.norm = RMSNorm(s.hidden)
+        self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
+
+    def rope_tables(self, positions, device, dtype):
+        inv = 1.0 / (self.s.rope_theta ** (torch.arange(0, self.s.head_dim, 2, device=device).float() / self.s.head_dim))
+        ang = positions.float()[:, None] * inv[None, :]
+        ang = torch.cat((ang, ang), dim=-1)
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def forward(self, ids, pos: int = 0, caches=None, attn=F.scaled_dot_product_attention, mask=None):
+        x = self.embed(ids)
+        cos, sin = self.rope_tables(torch.arange(pos, pos + ids.shape[1], device=ids.device), ids.device, x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, None if caches is None else caches[i], pos, attn, mask)
+        return self.lm_head(self.norm(x[:, -1:]))  # last position's logits, as generation needs
+
+
+def padded_causal_mask(lengths, L, device):
+    """Right-padded batch: query i sees keys j <= i that are real tokens. (B, 1, L, L) bool."""
+    i = torch.arange(L, device=device)
+    return ((i[None, :] <= i[:, None])[None] & (i[None, None, :] < lengths[:, None, None]))[:, None]
+
+
+def timed(fn, device) -> float:
+    """Median ms: CUDA events via do_bench on the GPU; a few wall-clock runs on the CPU."""
+    if device.type == "cuda":
+        return time_cuda(fn, warmup_ms=50, rep_ms=300)[1]
+    fn()
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return sorted(samples)[1]
+
+
+def peak_mb(fn, device) -> float:
+    if device.type != "cuda":
+        return math.nan
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "cuda", "model", "layers", "dtype", "attention",
+           "measure", "batch", "seqlen", "context", "status", "reason", "p50_ms", "tokens_per_s", "peak_mem_mb",
+           "speed_vs_sdpa"]
+
+
+def pair(text: str) -> tuple[int, int]:
+    b, n = text.lower().split("x")
+    return int(b), int(n)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.model", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--prefill", type=pair, default=(4, 2048), help="BATCHxSEQLEN of the prefill")
+    parser.add_argument("--decode", type=pair, default=(16, 4096), help="BATCHxCONTEXT of one decode step")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU dry run)")
+    parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "model.csv")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.tiny or device.type == "cpu"
+    shape = TINY if tiny else Shape(layers=args.layers)
+    (pb, pl), (db, dctx) = ((2, 128), (2, 256)) if tiny else (args.prefill, args.decode)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Llama(shape).to(dtype).eval()
+    info = run_info(device)
+    name = "tiny-llama" if tiny else f"llama3-8b-dims-{shape.layers}L"
+    print(f"{name} on {info['device']}: prefill {pb}x{pl}, decode {db} sequences at context {dctx}", flush=True)
+
+    ids = torch.randint(0, shape.vocab, (pb, pl), device=device)
+    lengths = torch.linspace(pl // 4, 3 * pl // 4, pb, device=device).round().long()  # half padding
+    mask = padded_causal_mask(lengths, pl, device)
+    step_ids = torch.randint(0, shape.vocab, (db, 1), device=device)
+    caches = [(torch.randn(db, shape.kv_heads, dctx + 1, shape.head_dim, device=device, dtype=dtype),
+               torch.randn(db, shape.kv_heads, dctx + 1, shape.head_dim, device=device, dtype=dtype))
+              for _ in range(shape.layers)]
+
+    rows = []
+    for attn_name, attn in ATTENTION.items():
+        measures = {
+            "prefill": (lambda: model(ids, attn=attn), pb, pl, 0, pb * pl),
+            "prefill padded": (lambda: model(ids, attn=attn, mask=mask), pb, pl, 0, int(lengths.sum())),
+            # one decode step at position dctx, every sequence adds one token (rewrites the same slot)
+            "decode": (lambda: model(step_ids, pos=dctx, caches=caches, attn=attn), db, 1, dctx, db),
+        }
+        for measure, (fn, batch, seqlen, context, tokens) in measures.items():
+            row = dict(info, model=name, layers=shape.layers, dtype=str(dtype).split(".")[-1], attention=attn_name,
+                       measure=measure, batch=batch, seqlen=seqlen, context=context, status="error", reason="")
+            rows.append(row)
+            try:
+                with torch.no_grad():
+                    ms = timed(fn, device)
+                    row.update(status="ok", p50_ms=ms, tokens_per_s=tokens / (ms * 1e-3),
+                               peak_mem_mb=peak_mb(fn, device))
+            except Exception as exc:
+                row["reason"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    for row in rows:
+        base = next((r for r in rows if r["attention"] == "sdpa" and r["measure"] == row["measure"]), None)
+        if row["status"] == "ok" and base and base["status"] == "ok":
+            row["speed_vs_sdpa"] = base["p50_ms"] / row["p50_ms"]
+    append_rows(args.csv, rows, COLUMNS)
+
+    print(f"csv: {args.csv}\n")
+    print(f"{'measure':15} {'attention':9} {'p50 ms':>9} {'tokens/s':>11} {'peak MiB':>9} {'vs sdpa':>8}")
+    for r in rows:
+        if r["status"] == "ok":
+            print(f"{r['measure']:15} {r['attention']:9} {r['p50_ms']:9.2f} {r['tokens_per_s']:11.0f} "
+                  f"{r['peak_mem_mb']:9.0f} {r.get('speed_vs_sdpa', math.nan):7.2f}x")
+        else:
+            print(f"{r['measure']:15} {r['attention']:9} error: {r['reason'][:100]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The benchmark harness runs and writes what it promises. A smoke test: no timing is judged here."""
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import COLUMNS, table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_cpu_mode_writes_its_csv(tmp_path):
+    # A clean environment: the harness must pick fastattn's backend by itself (no interpreter, no forcing).
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTATTN_BACKEND", "FASTATTN_STRICT")}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.attention", "--cpu", "--quick", "--no-interpreter", "--no-plot",
+         "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "attention.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    assert {r["provider"] for r in rows} == {"sdpa:auto", "fastattn:auto", "fastattn:sdpa"}
+    assert len({r["case"] for r in rows}) == 2
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
+        assert float(r["max_diff"]) < 1e-4  # fp32, same math as torch's SDPA
+        assert r["timestamp"] and r["commit"] and r["torch"]
+    assert "== cpu" in done.stdout  # the compact table is printed
+
+
+def test_table_shows_why_a_provider_could_not_run():
+    common = dict(timestamp="t", commit="c", device="GPU", torch="x", triton="y", cuda="z", grid="key", mode="fwd",
+                  case="bf16 d128 h16 B8 L2k full", dtype="bf16", batch=8.0, heads_q=16.0, heads_kv=16.0,
+                  seqlen_q=2048.0, seqlen_k=2048.0, head_dim=128.0, causal=0.0, padded=0.0, layout="bshd")
+    nan = math.nan
+    rows = [
+        dict(common, provider="fastattn:triton", backend="triton", status="ok", reason="", p50_ms=1.0, tflops=300.0),
+        dict(common, provider="fastattn:auto", backend="triton", status="ok", reason="", p50_ms=1.01, tflops=297.0),
+        dict(common, provider="sdpa:flash", backend="sdpa:flash", status="ok", reason="", p50_ms=2.0, tflops=150.0),
+        dict(common, provider="sdpa:math", backend="", status="skip", reason="needs a smaller head dim",
+             p50_ms=nan, tflops=nan),
+    ]
+    text = table(rows)
+    assert "300 2.00x" in text  # TFLOP/s and speed relative to the best torch SDPA backend
+    assert "1.010" in text  # automatic dispatch over its best own backend
+    assert "sdpa:math skip" in text and "needs a smaller head dim" in text
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_gpu_check_script_parses():
+    done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
