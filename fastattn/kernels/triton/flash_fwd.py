@@ -99,7 +99,7 @@ def _block_update(
         # Round P to the input dtype as the tensor-core path does, then multiply in fp32.
         acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
     else:
-        acc += tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
