@@ -44,7 +44,13 @@ def priority(features: Features) -> list[str]:
 
     - ``triton`` first: the main kernel, and the only one that reads masks,
       ALiBi and softcap inside the kernel.
-    - ``cuda`` (when registered) after it until benchmarks/results show it winning a case.
+    - ``cuda`` second. Rule, to be replaced by measured results: no benchmark of the
+      CUDA C++ kernel has run yet (it was written and compiled without a GPU), and it
+      is a correctness-first wmma kernel (softmax through shared memory), so it is not
+      expected to beat Triton on long queries. Where it should win is decode
+      (q_len <= 16 against long keys: split-KV plus one K/V read per GQA group); put
+      it first for such calls (Features would need a query-length bucket) only once
+      benchmarks/ shows it winning on a GPU.
     - ``sdpa`` last: it runs everything, so a call never fails for lack of a kernel.
     """
     order = [name for name in ("triton", "cuda") if name in _REGISTRY]
@@ -167,6 +173,22 @@ def _decide(features: Features, forced: Optional[str], strict: bool, restriction
 
 
 register_backend(TritonBackend())
+
+
+def _register_cuda_backend() -> None:
+    # The CUDA C++ backend: importing it loads and compiles nothing (the extension is
+    # loaded on the first CUDA call), and a broken module must not break `import fastattn`.
+    try:
+        from .backends.cuda import CudaBackend
+    except Exception as exc:  # pragma: no cover - only on a broken checkout
+        import logging
+
+        logging.getLogger("fastattn").warning("fastattn: cuda backend not registered: %s", exc)
+        return
+    register_backend(CudaBackend())
+
+
+_register_cuda_backend()
 register_backend(SDPABackend())
 
 

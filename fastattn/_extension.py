@@ -1,0 +1,467 @@
+"""Build and load the CUDA extension in ``csrc/`` (with ninja), and record why it could not.
+
+The contract, one line per case:
+
+- ``import fastattn`` compiles and loads nothing (this module imports only the standard
+  library at the top).
+- :func:`load` never raises. It returns an :class:`ExtensionStatus`; when the library is
+  not there, ``reason`` says why in one sentence (no CUDA torch, no GPU, no nvcc, a
+  compile error, a load error), logged once. The ``cuda`` backend turns it into its
+  reason in ``fastattn.explain`` and ``python -m fastattn``.
+- Where the library comes from, first hit wins: the ahead-of-time build
+  (``FASTATTN_BUILD_CUDA=1 pip install -e .`` puts ``fastattn/_C*.so`` next to this
+  file), then the JIT cache, then -- only in a process that sees a CUDA device -- a JIT
+  build into the cache (minutes; a message says so). ``FASTATTN_CUDA_JIT=0`` turns the
+  JIT build off.
+- The JIT cache lives in ``$FASTATTN_CACHE_DIR`` (default ``~/.cache/fastattn``), one
+  directory per (fastattn version, torch version, CUDA version, architectures, head dims,
+  hash of csrc/), built under a file lock so concurrent processes build it once. A failed
+  build leaves ``build_failed.txt`` there and is not retried by every process; run
+  ``python -m fastattn build`` to retry (and to see the compiler output).
+- ``FASTATTN_CUDA_ARCHS`` ("8.0;9.0+PTX", as TORCH_CUDA_ARCH_LIST) and
+  ``FASTATTN_CUDA_HEAD_DIMS`` ("64,128") limit what is compiled. The JIT default is the
+  visible GPUs' architectures and every head dim.
+
+This file is also loaded by ``setup.py`` (by path, before fastattn is installed), so it
+must not import the rest of the package at module level.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["ExtensionStatus", "load", "build", "build_main", "reset", "find_cuda_home", "BuildError"]
+
+logger = logging.getLogger("fastattn")
+
+ALL_HEAD_DIMS = (64, 96, 128, 256)
+MIN_ARCH = (8, 0)
+DEFAULT_AOT_ARCHS = ("8.0", "9.0+PTX")  # sm_80 cubins also run on 8.6/8.7/8.9; PTX for newer GPUs
+LIBRARY_NAME = "fastattn_cuda"
+ENV_ARCHS = "FASTATTN_CUDA_ARCHS"
+ENV_HEAD_DIMS = "FASTATTN_CUDA_HEAD_DIMS"
+ENV_JIT = "FASTATTN_CUDA_JIT"
+ENV_CACHE = "FASTATTN_CACHE_DIR"
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+class BuildError(RuntimeError):
+    """The extension could not be built or loaded; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class ExtensionStatus:
+    loaded: bool
+    reason: Optional[str] = None  # why not, when not loaded
+    path: Optional[str] = None  # the shared library that was loaded
+    head_dims: tuple[int, ...] = field(default=())  # compiled head dims, when loaded
+
+
+# --------------------------------------------------------------------------- what to compile
+
+
+def parse_head_dims(text: Optional[str]) -> tuple[int, ...]:
+    """``"64,128"`` -> (64, 128); None/empty -> every head dim."""
+    if not text or not text.strip():
+        return ALL_HEAD_DIMS
+    dims = []
+    for part in re.split(r"[,;\s]+", text.strip()):
+        if not part:
+            continue
+        if not part.isdigit() or int(part) not in ALL_HEAD_DIMS:
+            raise BuildError(f"{ENV_HEAD_DIMS}: {part!r} is not a head dim this kernel has "
+                             f"(choose from {', '.join(map(str, ALL_HEAD_DIMS))})")
+        dims.append(int(part))
+    return tuple(sorted(set(dims)))
+
+
+def parse_archs(text: str) -> tuple[str, ...]:
+    """``"8.0;9.0+PTX"`` (TORCH_CUDA_ARCH_LIST syntax, also comma-separated) -> ("8.0", "9.0+PTX")."""
+    archs = []
+    for part in re.split(r"[,;\s]+", text.strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)a?(\+PTX)?", part)
+        if not m:
+            raise BuildError(f"{ENV_ARCHS}: {part!r} is not an architecture like 8.0 or 9.0+PTX")
+        if (int(m.group(1)), int(m.group(2))) < MIN_ARCH:
+            raise BuildError(f"{ENV_ARCHS}: {part} is older than sm_80; the kernel needs sm_80 or newer")
+        archs.append(part)
+    if not archs:
+        raise BuildError(f"{ENV_ARCHS} is empty")
+    return tuple(archs)
+
+
+def visible_archs() -> tuple[str, ...]:
+    """The architectures of the visible GPUs (sm_80 or newer), e.g. ("9.0",)."""
+    import torch
+
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return tuple(f"{a}.{b}" for a, b in sorted(caps) if (a, b) >= MIN_ARCH)
+
+
+def arch_flags(archs: Sequence[str]) -> list[str]:
+    flags = []
+    for arch in archs:
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def sources(head_dims: Sequence[int]) -> list[Path]:
+    """The translation units: the op, the split-KV merge, and one file per
+    (head dim, dtype, causal) for the requested head dims."""
+    units = [CSRC / "flash_api.cpp", CSRC / "flash_fwd_combine.cu"]
+    for d in head_dims:
+        units += sorted((CSRC / "instantiations").glob(f"flash_fwd_hdim{d}_*.cu"))
+    return units
+
+
+def compile_flags(archs: Sequence[str], head_dims: Sequence[int]) -> tuple[list[str], list[str]]:
+    """(host compiler flags, nvcc flags)."""
+    defines = [f"-DFASTATTN_HDIM_{d}" for d in head_dims]
+    cxx = ["-O3", *defines]  # the C++ standard is torch's choice (C++20 for torch 2.14)
+    nvcc = ["-O3", "-lineinfo", *defines, *arch_flags(archs)]
+    return cxx, nvcc
+
+
+# --------------------------------------------------------------------------- toolkit
+
+
+def _looks_like_cuda_root(root: str) -> bool:
+    p = Path(root)
+    has_nvcc = (p / "bin" / "nvcc").is_file()
+    has_cudart = (p / "lib64" / "libcudart.so").exists() or bool(glob.glob(str(p / "targets" / "*" / "lib" / "libcudart.so")))
+    return has_nvcc and has_cudart
+
+
+def find_cuda_home() -> tuple[Optional[str], list[str]]:
+    """The CUDA toolkit root (the directory with bin/nvcc and lib64/libcudart.so or
+    targets/*/lib/libcudart.so), and the candidates tried.
+
+    torch guesses the root from ``which nvcc``, which is wrong when nvcc on PATH is a
+    wrapper script or symlink outside the toolkit (torch then picks ``/usr/local``).
+    Candidates, in order: $CUDA_HOME, $CUDA_PATH, nvcc on PATH with links resolved,
+    /usr/local/cuda, /usr/local/cuda-* (newest first); the first real toolkit wins.
+    """
+    import shutil
+
+    candidates: list[str] = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.environ[var])
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    candidates.append("/usr/local/cuda")
+    versioned = glob.glob("/usr/local/cuda-*")
+    versioned.sort(key=lambda p: [int(x) for x in re.findall(r"\d+", os.path.basename(p))], reverse=True)
+    candidates += versioned
+    tried = list(dict.fromkeys(candidates))
+    for root in tried:
+        if _looks_like_cuda_root(root):
+            return os.path.realpath(root), tried
+    return None, tried
+
+
+def _use_cuda_home(root: str) -> None:
+    """Point torch's extension builder at ``root``. torch reads CUDA_HOME once, when
+    torch.utils.cpp_extension is first imported, so the module's copy is set too."""
+    os.environ["CUDA_HOME"] = root
+    import torch.utils.cpp_extension as cpp_extension
+
+    cpp_extension.CUDA_HOME = root
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _fastattn_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fastattn")
+    except Exception:
+        return "dev"
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix in (".cu", ".cuh", ".h", ".cpp") and path.is_file():
+            h.update(str(path.relative_to(CSRC)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    base = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastattn")
+    return Path(base)
+
+
+def build_dir(archs: Sequence[str], head_dims: Sequence[int]) -> Path:
+    """One directory per fastattn, torch and CUDA version, architectures, head dims and sources."""
+    import torch
+
+    arch_key = "-".join(a.replace(".", "").replace("+PTX", "ptx") for a in archs)
+    key = (f"fastattn{_fastattn_version()}-torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}"
+           f"-sm{arch_key}-hd{'_'.join(map(str, head_dims))}-src{_source_hash()}")
+    return cache_root() / "cuda-ext" / re.sub(r"[^A-Za-z0-9_.+-]", "_", key)
+
+
+def _library_path(directory: Path) -> Path:
+    return directory / f"{LIBRARY_NAME}.so"
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(str(text).strip().splitlines()[-lines:])
+
+
+def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[int]] = None, *,
+          verbose: bool = False, jobs: Optional[int] = None, directory: Optional[Path] = None,
+          load_library: bool = True) -> Path:
+    """Compile csrc/ with ninja into the cache (or ``directory``) and load it.
+
+    Returns the shared library's path; raises :class:`BuildError` with the reason.
+    Holds a file lock on the build directory, so concurrent callers build once.
+    With ``load_library=False`` only compiles (for machines without a GPU).
+    """
+    import torch
+
+    if torch.version.cuda is None:
+        raise BuildError(f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None); "
+                         "install a CUDA build of torch")
+    if not CSRC.is_dir():
+        raise BuildError(f"the CUDA sources are not installed ({CSRC} is missing); "
+                         "use an editable install (pip install -e .) or FASTATTN_BUILD_CUDA=1")
+    head_dims = tuple(head_dims) if head_dims else parse_head_dims(os.environ.get(ENV_HEAD_DIMS))
+    if archs is None:
+        archs = parse_archs(os.environ[ENV_ARCHS]) if os.environ.get(ENV_ARCHS) else (
+            visible_archs() if torch.cuda.is_available() else DEFAULT_AOT_ARCHS)
+        if not archs:
+            raise BuildError("no visible GPU is sm_80 or newer; the cuda kernel needs Ampere or newer")
+    root, tried = find_cuda_home()
+    if root is None:
+        raise BuildError("nvcc not found: no CUDA toolkit (bin/nvcc with lib64/libcudart.so) in "
+                         f"{', '.join(tried)}; install the CUDA toolkit matching torch's CUDA {torch.version.cuda} "
+                         "and set CUDA_HOME to its root")
+    _use_cuda_home(root)  # before anything imports torch.utils.cpp_extension (it reads CUDA_HOME once)
+    if not _has_ninja():
+        raise BuildError("ninja not found; install it with `pip install ninja`")
+
+    directory = Path(directory) if directory else build_dir(archs, head_dims)
+    directory.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(directory / ".lock")):
+        lib = _library_path(directory)
+        failed = directory / "build_failed.txt"
+        if not lib.exists():
+            print(f"fastattn: compiling the CUDA extension for sm {', '.join(archs)}, head dims "
+                  f"{', '.join(map(str, head_dims))} into {directory} (CUDA {root}); this takes a few minutes, once.",
+                  file=sys.stderr, flush=True)
+            start = time.monotonic()
+            try:
+                _compile(directory, archs, head_dims, verbose=verbose, jobs=jobs)
+            except Exception as exc:
+                reason = f"building the CUDA extension failed ({type(exc).__name__}): {_tail(str(exc))}"
+                failed.write_text(reason + "\n")
+                raise BuildError(reason) from exc
+            failed.unlink(missing_ok=True)
+            print(f"fastattn: built {lib} in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    if load_library:
+        _load_library(lib)
+    return lib
+
+
+def _has_ninja() -> bool:
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+
+        return is_ninja_available()
+    except Exception:
+        return False
+
+
+def _compile(directory: Path, archs: Sequence[str], head_dims: Sequence[int], *, verbose: bool,
+             jobs: Optional[int]) -> None:
+    """Run torch's ninja-based builder (compile and link only; loading is separate so
+    that a load error is reported as one)."""
+    from torch.utils import cpp_extension
+
+    cxx, nvcc = compile_flags(archs, head_dims)
+    if jobs:
+        os.environ["MAX_JOBS"] = str(jobs)
+    cpp_extension.load(
+        name=LIBRARY_NAME,
+        sources=[str(s) for s in sources(head_dims)],
+        extra_cflags=cxx,
+        extra_cuda_cflags=nvcc,  # carries -gencode, so torch adds no arch flags of its own
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(directory),
+        verbose=verbose,
+        with_cuda=True,
+        is_python_module=False,
+        is_standalone=False,
+        keep_intermediates=True,
+        **_no_load_kwargs(),
+    )
+
+
+def _no_load_kwargs() -> dict:
+    # torch.utils.cpp_extension.load compiles *and* loads; we load ourselves. Passing
+    # is_python_module=False makes it call torch.ops.load_library, which works without a
+    # GPU as long as the CUDA runtime libraries are found, so there is nothing to skip.
+    return {}
+
+
+def _load_library(lib: Path) -> None:
+    import torch
+
+    try:
+        torch.ops.load_library(str(lib))
+    except Exception as exc:
+        raise BuildError(f"the CUDA extension {lib} was built but does not load ({type(exc).__name__}: "
+                         f"{_tail(str(exc), 5)}); delete it and run `python -m fastattn build`") from exc
+
+
+# --------------------------------------------------------------------------- load (cached)
+
+_lock = threading.Lock()
+_status: Optional[ExtensionStatus] = None
+_logged: set[str] = set()
+
+
+def reset() -> None:
+    """Forget the cached result of :func:`load` (tests; after ``python -m fastattn build``)."""
+    global _status
+    with _lock:
+        _status = None
+
+
+def _aot_library() -> Optional[Path]:
+    here = Path(__file__).resolve().parent
+    found = sorted(here.glob("_C*.so"))
+    return found[0] if found else None
+
+
+def _op_loaded() -> bool:
+    import torch
+
+    try:
+        torch.ops.fastattn.fwd  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _loaded_status(path: Optional[Path]) -> ExtensionStatus:
+    import torch
+
+    from .ops import cuda_fwd  # registers the fake implementation
+
+    cuda_fwd.register_fake_impl()
+    dims = tuple(int(d) for d in torch.ops.fastattn.head_dims())
+    return ExtensionStatus(True, None, str(path) if path else None, dims)
+
+
+def _try_load() -> ExtensionStatus:
+    import torch
+
+    if torch.version.cuda is None:
+        return ExtensionStatus(False, f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None); "
+                                      "install a CUDA build of torch")
+    if not torch.cuda.is_available():
+        return ExtensionStatus(False, "no CUDA device in this process (torch.cuda.is_available() is False)")
+    if _op_loaded():  # loaded by an earlier build() in this process
+        return _loaded_status(None)
+    aot = _aot_library()
+    if aot is not None:
+        _load_library(aot)
+        return _loaded_status(aot)
+    archs = parse_archs(os.environ[ENV_ARCHS]) if os.environ.get(ENV_ARCHS) else visible_archs()
+    if not archs:
+        return ExtensionStatus(False, "no visible GPU is sm_80 or newer (the cuda kernel needs Ampere or newer)")
+    head_dims = parse_head_dims(os.environ.get(ENV_HEAD_DIMS))
+    directory = build_dir(archs, head_dims)
+    lib = _library_path(directory)
+    if not lib.exists():
+        failed = directory / "build_failed.txt"
+        if failed.exists():
+            return ExtensionStatus(False, failed.read_text().strip() + " (cached; `python -m fastattn build` retries)")
+        if os.environ.get(ENV_JIT, "1").strip().lower() in ("0", "false", "no"):
+            return ExtensionStatus(False, f"the CUDA extension is not built and {ENV_JIT}=0 forbids building it "
+                                          "on first use; run `python -m fastattn build`")
+    lib = build(archs, head_dims)
+    return _loaded_status(lib)
+
+
+def load() -> ExtensionStatus:
+    """Load (building on first use if needed) the extension; never raises."""
+    global _status
+    with _lock:
+        if _status is None:
+            try:
+                _status = _try_load()
+            except BuildError as exc:
+                _status = ExtensionStatus(False, str(exc))
+            except Exception as exc:  # a bug or an unexpected environment: still never fatal
+                _status = ExtensionStatus(False, f"loading the CUDA extension failed ({type(exc).__name__}: {exc})")
+            if not _status.loaded and _status.reason not in _logged:
+                _logged.add(_status.reason)
+                logger.info("fastattn: cuda backend unavailable: %s", _status.reason)
+        return _status
+
+
+# --------------------------------------------------------------------------- python -m fastattn build
+
+
+def build_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m fastattn build``: compile the extension ahead of time and say where it went."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastattn build",
+                                     description="Compile the CUDA extension in csrc/ with ninja into the cache.")
+    parser.add_argument("--archs", help=f"architectures, e.g. '8.0;9.0+PTX' (default: ${ENV_ARCHS}, else the "
+                                        f"visible GPUs, else {';'.join(DEFAULT_AOT_ARCHS)})")
+    parser.add_argument("--head-dims", help=f"head dims, e.g. '64,128' (default: ${ENV_HEAD_DIMS}, else all)")
+    parser.add_argument("--jobs", type=int, help="parallel compile jobs (default: ninja's)")
+    parser.add_argument("--directory", help="build here instead of the cache")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    import torch
+
+    try:
+        archs = parse_archs(args.archs) if args.archs else None
+        head_dims = parse_head_dims(args.head_dims) if args.head_dims else None
+        if archs is None and os.environ.get(ENV_ARCHS):
+            archs = parse_archs(os.environ[ENV_ARCHS])
+        if archs is None:
+            archs = (visible_archs() or DEFAULT_AOT_ARCHS) if torch.cuda.is_available() else DEFAULT_AOT_ARCHS
+        dims = head_dims or parse_head_dims(os.environ.get(ENV_HEAD_DIMS))
+        target = Path(args.directory) if args.directory else build_dir(archs, dims)
+        (target / "build_failed.txt").unlink(missing_ok=True)  # retry a failure recorded earlier
+        lib = build(archs, dims, verbose=args.verbose, jobs=args.jobs, directory=target,
+                    load_library=torch.cuda.is_available())
+    except BuildError as exc:
+        print(f"fastattn build failed: {exc}", file=sys.stderr)
+        return 1
+    reset()
+    print(lib)
+    return 0

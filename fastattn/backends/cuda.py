@@ -1,0 +1,114 @@
+"""The CUDA C++ flash-attention kernel (csrc/, built by fastattn/_extension.py).
+
+Reasons are sentences shared with the C++ op's TORCH_CHECKs (csrc/flash_api.cpp says
+the same thing for the same input; tests/test_cuda_backend.py holds the two together).
+Head dims are compiled for 64, 96, 128 and 256; any other head dim (and a value head
+dim different from the query's) is zero-padded up to the next compiled one, which
+changes neither the scores nor the kept output columns.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+from ..inputs import HALF_DTYPES, AttentionCall, Features
+from .base import Backend
+
+MIN_CAPABILITY = (8, 0)
+
+# One sentence per reason; the C++ op's messages contain the same text.
+MSG_DEVICE = "the cuda backend needs tensors on a CUDA device"
+MSG_DTYPE = "is not supported (supported: float16, bfloat16)"
+MSG_LAST_DIM = "the last dim of q, k and v must be contiguous (stride 1)"
+MSG_HEAD_DIM = "is too large (supported: <= {max})"
+MSG_CAPABILITY = "is too old (the cuda backend needs 8.0 or newer)"
+SHARED_WITH_CPP = (MSG_DEVICE, MSG_DTYPE, MSG_LAST_DIM, MSG_HEAD_DIM.split("{")[0], MSG_CAPABILITY)
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def padded_head_dim(head_dim: int, compiled: tuple[int, ...]) -> Optional[int]:
+    """The smallest compiled head dim >= head_dim (None if there is none)."""
+    return next((d for d in sorted(compiled) if d >= head_dim), None)
+
+
+def _kernel_ready(t: torch.Tensor, head_dim: int) -> bool:
+    """What the kernel reads directly: the compiled head dim, last dim contiguous, 16-byte
+    aligned start and batch/head/row strides in multiples of 8 elements (16-byte copies)."""
+    return (t.shape[-1] == head_dim and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(t.stride(i) % 8 == 0 for i in range(3)))
+
+
+def prepare(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``t`` itself when the kernel can read it, else a zero-padded / aligned copy."""
+    if _kernel_ready(t, head_dim):
+        return t
+    t = F.pad(t, (0, head_dim - t.shape[-1])) if t.shape[-1] != head_dim else t
+    return t if _kernel_ready(t, head_dim) else t.clone(memory_format=torch.contiguous_format)  # fresh, aligned
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    description = ("CUDA C++ flash-attention forward (csrc/, tensor cores via wmma, sm80+): fp16/bf16, head dims "
+                   "<= 256 (compiled 64/96/128/256, others padded), GQA/MQA, causal (both alignments), windows, "
+                   "softcap, split-KV decode")
+    dtypes = HALF_DTYPES
+
+    def availability(self) -> list[str]:
+        status = _extension.load()
+        return [] if status.loaded else [f"the CUDA extension is not available: {status.reason}"]
+
+    def compiled_head_dims(self) -> tuple[int, ...]:
+        status = _extension.load()
+        return status.head_dims if status.loaded else _extension.ALL_HEAD_DIMS
+
+    def not_supported_reasons(self, f: Features) -> list[str]:
+        reasons = []
+        if f.device_type != "cuda":
+            reasons.append(f"query is on {f.device_type}; {MSG_DEVICE}")
+        else:
+            reasons += self.availability()
+            index = f.device_index if f.device_index is not None else torch.cuda.current_device()
+            major, minor = device_capability(index)
+            if (major, minor) < MIN_CAPABILITY:
+                reasons.append(f"GPU compute capability {major}.{minor} {MSG_CAPABILITY}")
+        if f.dtype not in self.dtypes:
+            reasons.append(f"dtype {f.dtype} {MSG_DTYPE}")
+        compiled = self.compiled_head_dims() if f.device_type == "cuda" else _extension.ALL_HEAD_DIMS
+        head_dim = max(f.head_dim, f.head_dim_v)
+        if padded_head_dim(head_dim, compiled) is None:
+            reasons.append(f"head_dim={head_dim} " + MSG_HEAD_DIM.format(max=max(compiled))
+                           + f" (compiled: {', '.join(map(str, compiled))})")
+        if f.empty:
+            reasons.append("an empty sequence or head dim: nothing for a kernel to do")
+        if not f.last_dim_contiguous:
+            reasons.append(MSG_LAST_DIM)
+        if f.mask_dtype is not None:
+            reasons.append(f"an explicit attn_mask ({f.mask_dtype}) is not supported; the cuda kernel takes causal, "
+                           "windows and per-batch key lengths, not a dense mask")
+        if f.has_alibi:
+            reasons.append("ALiBi slopes are not supported by the cuda kernel")
+        if getattr(f, "has_sinks", False):
+            reasons.append("attention sinks are not supported by the cuda kernel")
+        if f.dropout:
+            reasons.append("dropout_p > 0 is not supported (the kernel has no dropout)")
+        if f.needs_grad:
+            reasons.append("inputs require grad and the kernel is forward-only (no backward yet)")
+        return reasons
+
+    def run(self, call: AttentionCall, *, seqused_k: Optional[torch.Tensor] = None, num_splits: int = 0):
+        from ..ops.cuda_fwd import fwd
+
+        head_dim_v = call.v.shape[-1]
+        head_dim = padded_head_dim(max(call.q.shape[-1], head_dim_v), self.compiled_head_dims())
+        q, k, v = (prepare(t, head_dim) for t in (call.q, call.k, call.v))
+        left, right = call.key_bounds
+        out, lse = fwd(q, k, v, call.scale, left, right, call.lower_right, call.softcap, seqused_k, num_splits)
+        return out[..., :head_dim_v], lse

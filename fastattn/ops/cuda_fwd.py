@@ -1,0 +1,49 @@
+"""``torch.ops.fastattn.fwd``: the CUDA extension's forward op (schema in csrc/flash_api.cpp).
+
+The op itself is defined in C++ (``TORCH_LIBRARY(fastattn, ...)``); this module adds
+its fake implementation, so ``torch.compile`` can trace through it without running
+it, and a thin call wrapper. Nothing here compiles or loads the extension: that is
+``fastattn._extension``'s job, and it calls :func:`register_fake_impl` once the
+library is loaded.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+OP_NAME = "fastattn::fwd"
+
+_registered = False
+_lock = threading.Lock()
+
+
+def fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window_left: int = -1,
+             window_right: int = -1, lower_right: bool = False, softcap: float = 0.0,
+             seqused_k: Optional[torch.Tensor] = None, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes and layouts of the C++ op's results: ``out`` (B, Hq, L, D) in q's memory
+    layout (a transposed (B, L, Hq, D) buffer when q is one), ``lse`` (B, Hq, L) float32."""
+    B, Hq, L, D = q.shape
+    if q.stride(1) < q.stride(2):
+        out = q.new_empty((B, L, Hq, D)).transpose(1, 2)
+    else:
+        out = q.new_empty((B, Hq, L, D))
+    lse = q.new_empty((B, Hq, L), dtype=torch.float32)
+    return out, lse
+
+
+def register_fake_impl() -> None:
+    """Register :func:`fwd_fake` for the loaded op (idempotent)."""
+    global _registered
+    with _lock:
+        if not _registered:
+            torch.library.register_fake(OP_NAME)(fwd_fake)
+            _registered = True
+
+
+def fwd(q, k, v, scale, window_left=-1, window_right=-1, lower_right=False, softcap=0.0, seqused_k=None,
+        num_splits=0):
+    """Call the op (see csrc/flash_api.cpp for the argument contract)."""
+    return torch.ops.fastattn.fwd(q, k, v, scale, window_left, window_right, lower_right, softcap, seqused_k,
+                                  num_splits)

@@ -1,0 +1,381 @@
+"""The ``cuda`` backend (csrc/ via fastattn/_extension.py).
+
+Without a GPU: every refusal has its reason, the extension's not-built / failed-build /
+failed-load paths become reasons (logged once) instead of errors, the fake
+implementation's shapes, the padding helper. On a GPU (``-m gpu``): the Triton kernel's
+accuracy grid against an fp64 reference, plus decode (split-KV) and per-batch key lengths.
+"""
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastattn import _extension, dispatch
+from fastattn.backends import cuda as cuda_backend
+from fastattn.backends.cuda import CudaBackend, padded_head_dim, prepare
+from fastattn.inputs import Features, from_flash_args, from_sdpa_args
+from fastattn.ops.cuda_fwd import fwd_fake
+from fastattn.testing import assert_close_by_rule, reference_attention
+
+def _features(**change) -> Features:
+    q, k = torch.empty(2, 10, 8, 128, dtype=torch.float16), torch.empty(2, 30, 2, 128, dtype=torch.float16)
+    call = from_flash_args(q, k, k, causal=True, softcap=30.0, return_lse=True)
+    return dataclasses.replace(call.features, device_type="cuda", device_index=0, **change)
+
+
+GOOD = _features()
+
+
+@pytest.fixture
+def fresh_extension(monkeypatch, tmp_path):
+    """A process that sees a GPU, has no extension loaded and an empty cache."""
+    monkeypatch.setenv(_extension.ENV_CACHE, str(tmp_path))
+    monkeypatch.delenv(_extension.ENV_ARCHS, raising=False)
+    monkeypatch.delenv(_extension.ENV_JIT, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(_extension, "visible_archs", lambda: ("9.0",))
+    monkeypatch.setattr(_extension, "_aot_library", lambda: None)
+    monkeypatch.setattr(_extension, "_op_loaded", lambda: False)
+    _extension.reset()
+    dispatch._decide.cache_clear()
+    yield
+    _extension.reset()
+    dispatch._decide.cache_clear()
+
+
+@pytest.fixture
+def loaded_extension(monkeypatch):
+    """Pretend the extension is loaded with every head dim on an sm_90 GPU."""
+    status = _extension.ExtensionStatus(True, None, "/fake/fastattn_cuda.so", _extension.ALL_HEAD_DIMS)
+    monkeypatch.setattr(_extension, "load", lambda: status)
+    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: (9, 0))
+
+
+# --------------------------------------------------------------------------- reasons (no GPU)
+
+
+def test_supported_features_have_no_reasons(loaded_extension):
+    assert CudaBackend().not_supported_reasons(GOOD) == []
+    for head_dim in (1, 59, 64, 96, 111, 200, 256):
+        assert CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=head_dim, head_dim_v=64)) == []
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(device_type="cpu", device_index=None), "query is on cpu; the cuda backend needs tensors on a CUDA device"),
+    (dict(dtype=torch.float32), "dtype torch.float32 is not supported (supported: float16, bfloat16)"),
+    (dict(head_dim=320), "head_dim=320 is too large (supported: <= 256)"),
+    (dict(head_dim_v=512), "head_dim=512 is too large (supported: <= 256)"),
+    (dict(empty=True), "an empty sequence or head dim"),
+    (dict(last_dim_contiguous=False), "the last dim of q, k and v must be contiguous (stride 1)"),
+    (dict(mask_dtype=torch.bool), "an explicit attn_mask (torch.bool) is not supported"),
+    (dict(mask_dtype=torch.float16), "an explicit attn_mask (torch.float16) is not supported"),
+    (dict(has_alibi=True), "ALiBi slopes are not supported"),
+    (dict(dropout=True), "dropout_p > 0 is not supported"),
+    (dict(has_sinks=True), "attention sinks are not supported"),
+    (dict(needs_grad=True), "forward-only"),
+])
+def test_each_refused_input_has_its_reason(loaded_extension, change, expected):
+    reasons = CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, **change))
+    assert len(reasons) == 1 and expected in reasons[0], reasons
+
+
+def test_old_gpu_is_refused(loaded_extension, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: (7, 5))
+    assert CudaBackend().not_supported_reasons(GOOD) == [
+        "GPU compute capability 7.5 is too old (the cuda backend needs 8.0 or newer)"]
+
+
+def test_reasons_are_all_collected(loaded_extension):
+    reasons = CudaBackend().not_supported_reasons(
+        dataclasses.replace(GOOD, dtype=torch.float32, head_dim=512, has_alibi=True, dropout=True))
+    assert len(reasons) == 4
+
+
+def test_head_dims_limited_at_build_time(monkeypatch):
+    status = _extension.ExtensionStatus(True, None, "/fake.so", (64, 128))
+    monkeypatch.setattr(_extension, "load", lambda: status)
+    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: (8, 0))
+    reasons = CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=200, head_dim_v=200))
+    assert reasons == ["head_dim=200 is too large (supported: <= 128) (compiled: 64, 128)"]
+
+
+def test_cpu_call_is_refused_without_touching_the_extension(monkeypatch):
+    def fail():
+        raise AssertionError("the extension must not be loaded for a CPU call")
+
+    monkeypatch.setattr(_extension, "load", fail)
+    q, k = torch.randn(1, 2, 3, 64, dtype=torch.float16), torch.randn(1, 2, 5, 64, dtype=torch.float16)
+    call, _ = from_sdpa_args(q, k, k)
+    assert CudaBackend().not_supported_reasons(call.features) == [
+        "query is on cpu; the cuda backend needs tensors on a CUDA device"]
+
+
+# --------------------------------------------------------------------------- the extension's failure paths
+
+
+def test_no_gpu_in_this_process_is_a_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _extension.reset()
+    try:
+        status = _extension.load()
+        assert not status.loaded
+        assert "no CUDA device" in status.reason or "CPU-only build" in status.reason
+    finally:
+        _extension.reset()
+
+
+def test_missing_nvcc_is_a_reason(fresh_extension, monkeypatch):
+    monkeypatch.setattr(_extension, "find_cuda_home", lambda: (None, ["/usr/local/cuda", "/opt/nothing"]))
+    status = _extension.load()
+    assert not status.loaded
+    assert status.reason.startswith("nvcc not found") and "/opt/nothing" in status.reason
+    assert CudaBackend().availability() == [f"the CUDA extension is not available: {status.reason}"]
+
+
+def test_compile_error_is_a_reason_logged_once_and_cached(fresh_extension, monkeypatch, tmp_path, caplog):
+    calls = []
+
+    def broken_compile(directory, archs, head_dims, **kwargs):
+        calls.append(archs)
+        raise RuntimeError("Error building extension 'fastattn_cuda'\nflash_api.cpp:1: error: boom")
+
+    monkeypatch.setattr(_extension, "find_cuda_home", lambda: ("/usr/local/cuda", []))
+    monkeypatch.setattr(_extension, "_use_cuda_home", lambda root: None)
+    monkeypatch.setattr(_extension, "_has_ninja", lambda: True)
+    monkeypatch.setattr(_extension, "_compile", broken_compile)
+    with caplog.at_level(logging.INFO, logger="fastattn"):
+        first = _extension.load()
+        again = _extension.load()
+    assert not first.loaded and first is again and calls == [("9.0",)]
+    assert "building the CUDA extension failed" in first.reason and "error: boom" in first.reason
+    assert sum("error: boom" in r.getMessage() for r in caplog.records) == 1
+    # Another process finds the recorded failure and does not compile again.
+    _extension.reset()
+    cached = _extension.load()
+    assert calls == [("9.0",)] and "(cached; `python -m fastattn build` retries)" in cached.reason
+
+
+def test_jit_build_can_be_switched_off(fresh_extension, monkeypatch):
+    monkeypatch.setenv(_extension.ENV_JIT, "0")
+    status = _extension.load()
+    assert not status.loaded and "python -m fastattn build" in status.reason
+
+
+def test_load_error_is_a_reason(tmp_path):
+    bogus = tmp_path / "fastattn_cuda.so"
+    bogus.write_text("not a shared library")
+    with pytest.raises(_extension.BuildError, match="was built but does not load"):
+        _extension._load_library(bogus)
+
+
+def test_explain_shows_the_cuda_reason(fresh_extension, monkeypatch):
+    monkeypatch.setattr(_extension, "find_cuda_home", lambda: (None, ["/nowhere"]))
+    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(sys.modules["fastattn.backends.triton"], "device_capability", lambda index: (9, 0))
+    explanation = dispatch._decide(GOOD, None, False, (), False)
+    assert explanation.chosen != "cuda"
+    assert any("nvcc not found" in r for r in explanation.reasons("cuda"))
+    assert "cuda: cannot run" in str(explanation)
+
+
+def test_build_settings_are_validated():
+    assert _extension.parse_head_dims("128, 64") == (64, 128)
+    assert _extension.parse_archs("8.0;9.0+PTX") == ("8.0", "9.0+PTX")
+    assert _extension.arch_flags(("9.0+PTX",)) == ["-gencode=arch=compute_90,code=sm_90",
+                                                   "-gencode=arch=compute_90,code=compute_90"]
+    with pytest.raises(_extension.BuildError, match="not a head dim"):
+        _extension.parse_head_dims("65")
+    with pytest.raises(_extension.BuildError, match="older than sm_80"):
+        _extension.parse_archs("7.5")
+    assert _extension.build_main(["--head-dims", "65"]) == 1
+
+
+def test_cuda_home_is_the_real_toolkit_root():
+    root, tried = _extension.find_cuda_home()
+    if root is None:
+        pytest.skip(f"no CUDA toolkit here (tried {tried})")
+    assert (Path(root) / "bin" / "nvcc").is_file()
+    assert _extension._looks_like_cuda_root(root) and root != "/usr/local"
+
+
+# --------------------------------------------------------------------------- fake implementation, padding
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fake_shapes_follow_q_layout(transposed):
+    if transposed:  # a flash-attn (B, L, H, D) buffer seen as (B, H, L, D)
+        q = torch.empty(2, 7, 8, 64, dtype=torch.bfloat16, device="meta").transpose(1, 2)
+    else:
+        q = torch.empty(2, 8, 7, 64, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(2, 2, 33, 64, dtype=torch.bfloat16, device="meta")
+    out, lse = fwd_fake(q, k, k, 0.125)
+    assert out.shape == (2, 8, 7, 64) and out.dtype == torch.bfloat16
+    assert (out.stride(1) < out.stride(2)) == transposed
+    assert lse.shape == (2, 8, 7) and lse.dtype == torch.float32
+
+
+def test_padding_to_a_compiled_head_dim():
+    assert [padded_head_dim(d, (64, 96, 128, 256)) for d in (1, 59, 64, 65, 111, 129, 256, 257)] == \
+        [64, 64, 64, 96, 128, 256, 256, None]
+    t = torch.randn(2, 3, 5, 59)
+    padded = prepare(t, 64)
+    assert padded.shape == (2, 3, 5, 64) and torch.equal(padded[..., :59], t)
+    assert torch.count_nonzero(padded[..., 59:]) == 0
+    aligned = torch.randn(2, 5, 3, 64).transpose(1, 2)
+    assert prepare(aligned, 64) is aligned  # transposed views are read in place
+    odd = torch.randn(2, 3, 5, 72)[..., :64]  # row stride 72 is fine (multiple of 8)
+    assert prepare(odd, 64) is odd
+    misaligned = torch.randn(2 * 3 * 5 * 64 + 1)[1:].view(2, 3, 5, 64)
+    assert prepare(misaligned, 64).data_ptr() % 16 == 0
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _require_extension():
+    status = _extension.load()
+    if not status.loaded:
+        pytest.fail(f"the CUDA extension did not load on a GPU machine: {status.reason}")
+
+
+def _check(call, out, lse, *, seqused_k=None):
+    kw = dict(scale=call.scale, causal=False, lower_right=call.lower_right, window=call.key_bounds,
+              softcap=call.softcap)
+    ref, ref_lse = reference_attention(call.q, call.k, call.v, **kw)
+    ref_lowp, _ = reference_attention(call.q, call.k, call.v, compute_dtype=None, **kw)
+    assert_close_by_rule(out, ref.to(out.dtype), ref_lowp)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-3, rtol=1e-3)
+
+
+# (L, S) x head dim, each with a dtype, a causal alignment and a GQA shape drawn in turn.
+SIZES = [(1, 239), (113, 203), (203, 113), (128, 128)]
+HEAD_DIMS = [59, 64, 96, 111, 128, 256]
+MODES = ["none", "causal_top_left", "causal_bottom_right"]
+GRID = [(L, S, E, (torch.float16, torch.bfloat16)[i % 2], MODES[i % 3], ((4, 4), (8, 2), (6, 1))[i % 3])
+        for i, ((L, S), E) in enumerate((s, e) for s in SIZES for e in HEAD_DIMS)]
+
+
+@pytest.mark.parametrize("L, S, E, dtype, mode, heads", GRID)
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
+def test_accuracy_grid(L, S, E, dtype, mode, heads, mark):
+    _require_extension()
+    hq, hkv = heads
+    q = torch.randn(2, hq, L, E, device="cuda", dtype=dtype)
+    k = torch.randn(2, hkv, S, E, device="cuda", dtype=dtype)
+    v = torch.randn(2, hkv, S, E, device="cuda", dtype=dtype)
+    if mode == "causal_bottom_right":
+        call = from_flash_args(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, return_lse=True)
+    else:
+        call, _ = from_sdpa_args(q, k, v, is_causal=mode == "causal_top_left", enable_gqa=True)
+    assert not CudaBackend().not_supported_reasons(call.features)
+    out, lse = CudaBackend().run(call)
+    _check(call, out, lse)
+
+
+FEATURES = [
+    dict(window_size=(32, 8)),
+    dict(window_size=(16, -1)),
+    dict(window_size=(-1, 40)),
+    dict(causal=True, window_size=(64, 0), softcap=30.0),
+    dict(softcap=5.0),
+]
+
+
+@pytest.mark.parametrize("kw", FEATURES)
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
+def test_window_and_softcap(kw, mark):
+    _require_extension()
+    q = torch.randn(2, 150, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 300, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 300, 2, 64, device="cuda", dtype=torch.bfloat16)
+    call = from_flash_args(q, k, v, return_lse=True, **kw)
+    out, lse = CudaBackend().run(call)
+    _check(call, out, lse)
+
+
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
+def test_value_head_dim_differs(mark):
+    _require_extension()
+    q = torch.randn(1, 4, 77, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 4, 90, 64, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, 4, 90, 40, device="cuda", dtype=torch.float16)
+    call, _ = from_sdpa_args(q, k, v, is_causal=True)
+    out, lse = CudaBackend().run(call)
+    assert out.shape == (1, 4, 77, 40)
+    _check(call, out, lse)
+
+
+@pytest.mark.parametrize("L, S, heads, causal, splits", [
+    (1, 4096, (8, 1), False, 0),
+    (1, 8192, (32, 8), True, 0),
+    (4, 4100, (8, 2), True, 0),
+    (16, 5000, (4, 4), True, 0),
+    (7, 4096, (8, 2), False, 7),
+    (3, 300, (2, 1), True, 64),  # more splits than key tiles: empty splits must weigh nothing
+])
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
+def test_decode_split_kv(L, S, heads, causal, splits, mark):
+    _require_extension()
+    hq, hkv = heads
+    q = torch.randn(2, L, hq, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, S, hkv, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn(2, S, hkv, 128, device="cuda", dtype=torch.float16)
+    call = from_flash_args(q, k, v, causal=causal, return_lse=True)
+    out, lse = CudaBackend().run(call, num_splits=splits)
+    _check(call, out, lse)
+
+
+@pytest.mark.parametrize("lower_right", [False, True])
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
+def test_per_batch_key_lengths(lower_right, mark):
+    _require_extension()
+    used = [300, 17, 0]
+    q = torch.randn(3, 4, 20, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(3, 2, 300, 64, device="cuda", dtype=torch.float16)
+    v = torch.randn(3, 2, 300, 64, device="cuda", dtype=torch.float16)
+    k[1, :, 17:] = float("nan")  # padding keys must never be read
+    v[1, :, 17:] = float("nan")
+    seqused = torch.tensor(used, dtype=torch.int32, device="cuda")
+    out, lse = torch.ops.fastattn.fwd(q, k, v, 0.125, -1, 0, lower_right, 0.0, seqused, 0)
+    for b, n in enumerate(used):
+        if n == 0:
+            assert torch.count_nonzero(out[b]) == 0 and torch.isinf(lse[b]).all()
+            continue
+        ref, ref_lse = reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale=0.125,
+                                           causal=True, lower_right=lower_right)
+        ref_lowp, _ = reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale=0.125,
+                                          causal=True, lower_right=lower_right, compute_dtype=None)
+        assert_close_by_rule(out[b:b + 1], ref.to(out.dtype), ref_lowp)
+        torch.testing.assert_close(lse[b:b + 1], ref_lse.float(), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
+def test_cpp_checks_repeat_the_reasons(mark):
+    _require_extension()
+    q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"is not supported \(supported: float16, bfloat16\)"):
+        torch.ops.fastattn.fwd(q, q, q, 0.125)
+    q = torch.randn(1, 2, 8, 128, device="cuda", dtype=torch.float16)[..., ::2]
+    with pytest.raises(RuntimeError, match=r"the last dim of q, k and v must be contiguous"):
+        torch.ops.fastattn.fwd(q, q, q, 0.125)
+    q = torch.randn(1, 3, 8, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"must be a multiple of the number of key/value heads"):
+        torch.ops.fastattn.fwd(q, k, k, 0.125)
+
+
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
+def test_opcheck_and_compile_on_gpu(mark):
+    _require_extension()
+    q = torch.randn(2, 4, 33, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 2, 70, 64, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.fastattn.fwd.default, (q, k, k, 0.125, -1, 0, True, 0.0, None, 0))
+    compiled = torch.compile(lambda q, k, v: torch.ops.fastattn.fwd(q, k, v, 0.125)[0] * 2, backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, k), torch.ops.fastattn.fwd(q, k, k, 0.125)[0] * 2)
