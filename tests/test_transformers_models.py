@@ -167,3 +167,11 @@ def test_check_reports_per_layer():
     assert report.ok, str(report)
     assert len(report.layers) >= 3 and report.backends == {"sdpa": 2}
     assert "hidden_states[1]" in str(report) and model.config._attn_implementation == "sdpa"
+
+
+def test_demo_runs_and_reports(capsys):
+    from fastattn.integrations.transformers_demo import demo_main
+
+    assert demo_main(["--model", "mistral", "--batch", "2", "--seq", "8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "result: ok" in out and "backend per attention call" in out and "forward time" in out
