@@ -2,9 +2,14 @@
 
 The default install is pure Python: the Triton kernels compile at first use and the
 CUDA extension in csrc/ is built just in time (see fastattn/_extension.py).
-Set FASTATTN_BUILD_CUDA=1 to compile csrc/ ahead of time with ninja.
+Set FASTATTN_BUILD_CUDA=1 to compile csrc/ ahead of time with ninja, into
+fastattn/_C*.so (which fastattn/_extension.py loads before trying its JIT cache).
+FASTATTN_CUDA_ARCHS ("8.0;9.0+PTX" by default, or the visible GPUs') and
+FASTATTN_CUDA_HEAD_DIMS ("64,96,128,256" by default) limit what is compiled.
 """
+import importlib.util
 import os
+from pathlib import Path
 
 from setuptools import setup
 
@@ -12,8 +17,39 @@ ext_modules = []
 cmdclass = {}
 
 if os.environ.get("FASTATTN_BUILD_CUDA", "0") == "1":
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # noqa: F401
+    import sys
 
-    raise SystemExit("FASTATTN_BUILD_CUDA=1: the CUDA extension is not in csrc/ yet")
+    import torch
+
+    # fastattn/_extension.py holds the one list of sources and flags; it imports only the
+    # standard library at module level, so it loads here before fastattn is installed.
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("_fastattn_extension", here / "fastattn" / "_extension.py")
+    extension = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = extension  # dataclasses look their module up there
+    spec.loader.exec_module(extension)
+
+    root, tried = extension.find_cuda_home()
+    if root is None:
+        raise SystemExit("FASTATTN_BUILD_CUDA=1: no CUDA toolkit (bin/nvcc with lib64/libcudart.so) in "
+                         f"{', '.join(tried)}; set CUDA_HOME to the toolkit root")
+    extension._use_cuda_home(root)  # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if os.environ.get(extension.ENV_ARCHS):
+        archs = extension.parse_archs(os.environ[extension.ENV_ARCHS])
+    elif torch.cuda.is_available():
+        archs = extension.visible_archs() or extension.DEFAULT_AOT_ARCHS
+    else:
+        archs = extension.DEFAULT_AOT_ARCHS
+    head_dims = extension.parse_head_dims(os.environ.get(extension.ENV_HEAD_DIMS))
+    cxx, nvcc = extension.compile_flags(archs, head_dims)
+    ext_modules.append(CUDAExtension(
+        name="fastattn._C",
+        sources=[str(s.relative_to(here)) for s in extension.sources(head_dims)],
+        include_dirs=[str(extension.CSRC)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    ))
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -301,8 +301,7 @@ def _has_ninja() -> bool:
 
 def _compile(directory: Path, archs: Sequence[str], head_dims: Sequence[int], *, verbose: bool,
              jobs: Optional[int]) -> None:
-    """Run torch's ninja-based builder (compile and link only; loading is separate so
-    that a load error is reported as one)."""
+    """Run torch's ninja-based builder (MAX_JOBS limits ninja's parallelism)."""
     from torch.utils import cpp_extension
 
     cxx, nvcc = compile_flags(archs, head_dims)
@@ -320,15 +319,7 @@ def _compile(directory: Path, archs: Sequence[str], head_dims: Sequence[int], *,
         is_python_module=False,
         is_standalone=False,
         keep_intermediates=True,
-        **_no_load_kwargs(),
-    )
-
-
-def _no_load_kwargs() -> dict:
-    # torch.utils.cpp_extension.load compiles *and* loads; we load ourselves. Passing
-    # is_python_module=False makes it call torch.ops.load_library, which works without a
-    # GPU as long as the CUDA runtime libraries are found, so there is nothing to skip.
-    return {}
+    )  # with is_python_module=False this also torch.ops.load_library()s it: fine without a GPU too
 
 
 def _load_library(lib: Path) -> None:
@@ -401,13 +392,15 @@ def _try_load() -> ExtensionStatus:
     head_dims = parse_head_dims(os.environ.get(ENV_HEAD_DIMS))
     directory = build_dir(archs, head_dims)
     lib = _library_path(directory)
-    if not lib.exists():
-        failed = directory / "build_failed.txt"
-        if failed.exists():
-            return ExtensionStatus(False, failed.read_text().strip() + " (cached; `python -m fastattn build` retries)")
-        if os.environ.get(ENV_JIT, "1").strip().lower() in ("0", "false", "no"):
-            return ExtensionStatus(False, f"the CUDA extension is not built and {ENV_JIT}=0 forbids building it "
-                                          "on first use; run `python -m fastattn build`")
+    if lib.exists():  # built earlier (python -m fastattn build, another process): no toolkit needed
+        _load_library(lib)
+        return _loaded_status(lib)
+    failed = directory / "build_failed.txt"
+    if failed.exists():
+        return ExtensionStatus(False, failed.read_text().strip() + " (cached; `python -m fastattn build` retries)")
+    if os.environ.get(ENV_JIT, "1").strip().lower() in ("0", "false", "no"):
+        return ExtensionStatus(False, f"the CUDA extension is not built and {ENV_JIT}=0 forbids building it "
+                                      "on first use; run `python -m fastattn build`")
     lib = build(archs, head_dims)
     return _loaded_status(lib)
 
