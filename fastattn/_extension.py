@@ -410,15 +410,17 @@ def load() -> ExtensionStatus:
     global _status
     with _lock:
         if _status is None:
+            level = logging.WARNING  # a build or load that went wrong on a CUDA machine
             try:
                 _status = _try_load()
+                level = logging.INFO  # no GPU, CPU-only torch, JIT switched off: nothing went wrong
             except BuildError as exc:
                 _status = ExtensionStatus(False, str(exc))
             except Exception as exc:  # a bug or an unexpected environment: still never fatal
                 _status = ExtensionStatus(False, f"loading the CUDA extension failed ({type(exc).__name__}: {exc})")
             if not _status.loaded and _status.reason not in _logged:
                 _logged.add(_status.reason)
-                logger.info("fastattn: cuda backend unavailable: %s", _status.reason)
+                logger.log(level, "fastattn: cuda backend unavailable: %s", _status.reason)
         return _status
 
 
