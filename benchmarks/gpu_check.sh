@@ -17,6 +17,7 @@
 #   flex      the same cases for FlexAttention (compiles per shape: last)  -> bench.csv
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
 #   model     Llama-3-8B-shaped layers, sdpa vs fastattn                   -> model.csv
+#   hfmodel   the same through Transformers' LlamaForCausalLM               -> model.csv
 #   report    stage table + compact tables + goals                        -> summary.md, bench.png
 # Everything else the stages print goes to check.log: 8 files, no subfolders.
 # Without a CUDA device (or with --dry-run) every stage runs a CPU stand-in, so
@@ -59,21 +60,22 @@ if [ "$DRY" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_
   DRY=1
 fi
 
-# cap WANT RESERVE: seconds a stage may take, given the time the later stages need.
+# cap WANT RESERVE MIN: seconds a stage may take, given the time the later stages need
+# (RESERVE); 0 when that leaves less than MIN, too little for the stage to be useful.
 cap() {
-  local want=$1 reserve=$2 left
+  local want=$1 reserve=$2 min=$3 left
   left=$(( DEADLINE - (SECONDS - T0) - reserve ))
   (( left < want )) && want=$left
-  (( want < 10 )) && want=0
+  (( want < min )) && want=0
   echo "$want"
 }
 
-# stage NAME WANT RESERVE LOGFILE CMD...: run CMD under timeout, output to LOGFILE,
+# stage NAME WANT RESERVE MIN LOGFILE CMD...: run CMD under timeout, output to LOGFILE,
 # one status line to stdout and to the stage table.
 stage() {
-  local name=$1 want=$2 reserve=$3 logfile=$4; shift 4
+  local name=$1 want=$2 reserve=$3 min=$4 logfile=$5; shift 5
   local limit t rc note
-  limit=$(cap "$want" "$reserve")
+  limit=$(cap "$want" "$reserve" "$min")
   if [ "$limit" = 0 ]; then
     record "$name" "skipped: no time left before the ${DEADLINE}s deadline"
     return 0
@@ -99,9 +101,9 @@ echo "gpu_check: out=$OUT deadline=${DEADLINE}s dry_run=$DRY python=$PY"
 
 # ---------------------------------------------------------------- install
 if compgen -G ".whl/*.whl" >/dev/null; then
-  stage wheels 60 300 "$LOG" "$PY" -m pip install --no-deps --no-index --no-build-isolation .whl/*.whl
+  stage wheels 60 0 10 "$LOG" "$PY" -m pip install --no-deps --no-index --no-build-isolation .whl/*.whl
 fi
-stage install 60 300 "$LOG" "$PY" -m pip install --no-deps --no-build-isolation -e .
+stage install 60 0 10 "$LOG" "$PY" -m pip install --no-deps --no-build-isolation -e .
 
 # ---------------------------------------------------------------- env
 {
@@ -115,7 +117,7 @@ stage install 60 300 "$LOG" "$PY" -m pip install --no-deps --no-build-isolation 
     echo "nvidia-smi: not found"
   fi
 } >"$OUT/env.txt" 2>&1
-stage env 40 280 "$OUT/env.txt" "$PY" - <<'EOF'
+stage env 40 0 10 "$OUT/env.txt" "$PY" - <<'EOF'
 import importlib, platform, torch
 print(f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}  "
       f"cudnn {torch.backends.cudnn.version()}")
@@ -134,14 +136,14 @@ for name, backend in fastattn.backends().items():
     print(f"  backend {name}: {'; '.join(backend.availability()) or 'available'}")
 EOF
 grep -E "^(python|gpu|fastattn|  backend)" "$OUT/env.txt" | sed 's/^/  /'
-stage fastattn 60 280 "$OUT/env.txt" "$PY" -m fastattn
+stage fastattn 60 0 10 "$OUT/env.txt" "$PY" -m fastattn
 
 # ---------------------------------------------------------------- build (optional)
 if "$PY" -m fastattn --help 2>/dev/null | grep -qw build; then
   if [ "$DRY" = 1 ]; then
     skip build "dry run (would run: $PY -m fastattn build)"
   else
-    stage build 120 280 "$LOG" "$PY" -m fastattn build
+    stage build 120 300 30 "$LOG" "$PY" -m fastattn build
   fi
 else
   skip build "no \`python -m fastattn build\` command in this tree"
@@ -160,38 +162,40 @@ read -r -a PYTEST_EXTRA <<<"${PYTEST_ARGS:--q -x}"
 if [ ${#FILES[@]} = 0 ]; then
   skip tests "no kernel/front-end test files yet"
 elif [ "$DRY" = 1 ]; then
-  stage tests 120 150 "$OUT/tests.log" "$PY" -m pytest --collect-only -q -p no:cacheprovider "${FILES[@]}"
+  stage tests 120 150 30 "$OUT/tests.log" "$PY" -m pytest --collect-only -q -p no:cacheprovider "${FILES[@]}"
 else
   ARGS=("${PYTEST_EXTRA[@]}" -p no:cacheprovider -rfEs)
   "$PY" -c "import xdist" 2>/dev/null && ARGS+=(-n 8)
   "$PY" -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout 120)
-  stage tests 170 200 "$OUT/tests.log" "$PY" -m pytest "${ARGS[@]}" "${FILES[@]}"
+  stage tests 170 200 30 "$OUT/tests.log" "$PY" -m pytest "${ARGS[@]}" "${FILES[@]}"
 fi
 tail -n 3 "$OUT/tests.log" 2>/dev/null | sed 's/^/  /'
 
 # ---------------------------------------------------------------- benchmark
 BENCH=(-m benchmarks.attention --csv "$OUT/bench.csv" --run-timestamp "$RUN_TS" --no-plot)
 if [ "$DRY" = 1 ]; then
-  stage bench 60 60 "$LOG" "$PY" "${BENCH[@]}" --cpu --quick --no-interpreter
+  stage bench 60 60 30 "$LOG" "$PY" "${BENCH[@]}" --cpu --quick --no-interpreter
   skip flex "dry run (FlexAttention runs on CUDA only)"
 else
-  stage bench 130 110 "$LOG" "$PY" "${BENCH[@]}" --grid key --exclude flex
-  stage flex 45 100 "$LOG" "$PY" "${BENCH[@]}" --grid key --providers flex
+  stage bench 130 120 30 "$LOG" "$PY" "${BENCH[@]}" --grid key --exclude flex
+  stage flex 45 100 20 "$LOG" "$PY" "${BENCH[@]}" --grid key --providers flex
 fi
 
 # ---------------------------------------------------------------- block-size sweep
 if [ "$DRY" = 1 ]; then
-  stage sweep 60 40 "$LOG" "$PY" -m benchmarks.sweep --dry-run --csv "$OUT/sweep.csv"
+  stage sweep 60 40 20 "$LOG" "$PY" -m benchmarks.sweep --dry-run --csv "$OUT/sweep.csv"
 else
-  stage sweep 80 50 "$LOG" "$PY" -m benchmarks.sweep --csv "$OUT/sweep.csv" --jobs 8
+  stage sweep 80 60 20 "$LOG" "$PY" -m benchmarks.sweep --csv "$OUT/sweep.csv" --jobs 8
 fi
 
 # ---------------------------------------------------------------- model
+MODEL=(-m benchmarks.model --csv "$OUT/model.csv" --run-timestamp "$RUN_TS")
 if [ "$DRY" = 1 ]; then
-  stage model 40 20 "$LOG" "$PY" -m benchmarks.model --tiny --csv "$OUT/model.csv"
+  stage model 40 20 20 "$LOG" "$PY" "${MODEL[@]}" --tiny
+  stage hfmodel 40 10 20 "$LOG" "$PY" "${MODEL[@]}" --tiny --transformers
 else
-  stage model 60 20 "$LOG" "$PY" -m benchmarks.model --layers 2 --prefill 2x4096 --decode 16x8192 \
-    --csv "$OUT/model.csv"
+  stage model 60 30 20 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192
+  stage hfmodel 50 10 20 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192 --transformers
 fi
 
 # ---------------------------------------------------------------- report (printed last)

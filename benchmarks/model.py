@@ -3,9 +3,11 @@ peak memory of a padded batch, with torch SDPA vs fastattn as the attention.
 
     python -m benchmarks.model                      # GPU: 4 layers of Llama-3-8B, bf16
     python -m benchmarks.model --layers 2 --prefill 2x2048 --decode 8x4096
+    python -m benchmarks.model --transformers       # the same with Transformers' LlamaForCausalLM,
+                                                    # attn_implementation "sdpa" vs "fastattn"
     python -m benchmarks.model --tiny               # CPU-sized dry run of the same code
 
-The model is written out here (embedding, RMSNorm, RoPE, GQA attention, SwiGLU
+By default the model is written out here (embedding, RMSNorm, RoPE, GQA attention, SwiGLU
 MLP, a static KV cache) so that the one thing that differs between the two runs
 is the attention function: ``torch.nn.functional.scaled_dot_product_attention``
 or ``fastattn.scaled_dot_product_attention``, called with the same arguments.
@@ -118,6 +120,51 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x[:, -1:]))  # last position's logits, as generation needs
 
 
+# --------------------------------------------------------------------------- the Transformers model
+
+
+def transformers_measures(shape: Shape, device, dtype, ids, lengths, step_ids, dctx: int):
+    """The same measures with Transformers' LlamaForCausalLM (random weights), switching
+    ``attn_implementation`` between "sdpa" and "fastattn" on one model; decode uses a
+    StaticCache filled by a prefill, so a repeated step rewrites one slot."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                         vocab_size=shape.vocab, rope_theta=shape.rope_theta,
+                         max_position_embeddings=max(ids.shape[1], dctx + 16))
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    pb, pl = ids.shape
+    pad_mask = (torch.arange(pl, device=device)[None, :] < lengths[:, None]).long()
+    ones = torch.ones_like(pad_mask)
+    db = step_ids.shape[0]
+    try:
+        cache = StaticCache(config=config, max_cache_len=dctx + 16)
+    except TypeError:  # transformers 4.x spelling
+        cache = StaticCache(config=config, max_batch_size=db, max_cache_len=dctx + 16, device=device, dtype=dtype)
+    context = torch.randint(0, shape.vocab, (db, dctx), device=device)
+    step_pos = torch.tensor([dctx], device=device)
+    filled = []
+
+    def setup(impl):
+        model.set_attn_implementation(impl)
+        if not filled:
+            with torch.no_grad():
+                model(context, past_key_values=cache, cache_position=torch.arange(dctx, device=device),
+                      logits_to_keep=1)
+            filled.append(True)
+
+    def measures(impl):
+        return {
+            "prefill": (lambda: model(ids, attention_mask=ones, logits_to_keep=1), pb, pl, 0, pb * pl),
+            "prefill padded": (lambda: model(ids, attention_mask=pad_mask, logits_to_keep=1), pb, pl, 0,
+                               int(lengths.sum())),
+            "decode": (lambda: model(step_ids, past_key_values=cache, cache_position=step_pos, logits_to_keep=1),
+                       db, 1, dctx, db),
+        }
+    return setup, measures
+
+
 def padded_causal_mask(lengths, L, device):
     """Right-padded batch: query i sees keys j <= i that are real tokens. (B, 1, L, L) bool."""
     i = torch.arange(L, device=device)
@@ -165,7 +212,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill", type=pair, default=(4, 2048), help="BATCHxSEQLEN of the prefill")
     parser.add_argument("--decode", type=pair, default=(16, 4096), help="BATCHxCONTEXT of one decode step")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU dry run)")
+    parser.add_argument("--transformers", action="store_true",
+                        help="Transformers' LlamaForCausalLM with attn_implementation sdpa vs fastattn")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "model.csv")
+    parser.add_argument("--run-timestamp", help="label the rows with this run timestamp (to join runs of one check)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,28 +224,49 @@ def main(argv=None) -> int:
     (pb, pl), (db, dctx) = ((2, 128), (2, 256)) if tiny else (args.prefill, args.decode)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Llama(shape).to(dtype).eval()
     info = run_info(device)
-    name = "tiny-llama" if tiny else f"llama3-8b-dims-{shape.layers}L"
+    if args.run_timestamp:
+        info["timestamp"] = args.run_timestamp
+    name = ("hf-" if args.transformers else "") + ("tiny-llama" if tiny else f"llama3-8b-dims-{shape.layers}L")
     print(f"{name} on {info['device']}: prefill {pb}x{pl}, decode {db} sequences at context {dctx}", flush=True)
 
     ids = torch.randint(0, shape.vocab, (pb, pl), device=device)
     lengths = torch.linspace(pl // 4, 3 * pl // 4, pb, device=device).round().long()  # half padding
     mask = padded_causal_mask(lengths, pl, device)
     step_ids = torch.randint(0, shape.vocab, (db, 1), device=device)
-    caches = [(torch.randn(db, shape.kv_heads, dctx + 1, shape.head_dim, device=device, dtype=dtype),
-               torch.randn(db, shape.kv_heads, dctx + 1, shape.head_dim, device=device, dtype=dtype))
-              for _ in range(shape.layers)]
+    kv_shape = (db, shape.kv_heads, dctx + 1, shape.head_dim)
+    caches = None if args.transformers else [
+        (torch.randn(kv_shape, device=device, dtype=dtype), torch.randn(kv_shape, device=device, dtype=dtype))
+        for _ in range(shape.layers)]
+
+    if args.transformers:
+        setup, measures_of = transformers_measures(shape, device, dtype, ids, lengths, step_ids, dctx)
+    else:
+        with torch.device(device):
+            model = Llama(shape).to(dtype).eval()
+
+        def setup(attn_name):
+            pass
+
+        def measures_of(attn_name):
+            attn = ATTENTION[attn_name]
+            return {
+                "prefill": (lambda: model(ids, attn=attn), pb, pl, 0, pb * pl),
+                "prefill padded": (lambda: model(ids, attn=attn, mask=mask), pb, pl, 0, int(lengths.sum())),
+                # one decode step at position dctx, every sequence adds one token (rewrites the same slot)
+                "decode": (lambda: model(step_ids, pos=dctx, caches=caches, attn=attn), db, 1, dctx, db),
+            }
 
     rows = []
-    for attn_name, attn in ATTENTION.items():
-        measures = {
-            "prefill": (lambda: model(ids, attn=attn), pb, pl, 0, pb * pl),
-            "prefill padded": (lambda: model(ids, attn=attn, mask=mask), pb, pl, 0, int(lengths.sum())),
-            # one decode step at position dctx, every sequence adds one token (rewrites the same slot)
-            "decode": (lambda: model(step_ids, pos=dctx, caches=caches, attn=attn), db, 1, dctx, db),
-        }
+    for attn_name in ATTENTION:
+        try:
+            setup(attn_name)
+            measures = measures_of(attn_name)
+        except Exception as exc:
+            rows.append(dict(info, model=name, layers=shape.layers, attention=attn_name, measure="setup",
+                             status="error", reason=f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
+            append_rows(args.csv, rows[-1:], COLUMNS)
+            continue
         for measure, (fn, batch, seqlen, context, tokens) in measures.items():
             row = dict(info, model=name, layers=shape.layers, dtype=str(dtype).split(".")[-1], attention=attn_name,
                        measure=measure, batch=batch, seqlen=seqlen, context=context, status="error", reason="")
@@ -209,11 +280,10 @@ def main(argv=None) -> int:
                 row["reason"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    for row in rows:
-        base = next((r for r in rows if r["attention"] == "sdpa" and r["measure"] == row["measure"]), None)
-        if row["status"] == "ok" and base and base["status"] == "ok":
-            row["speed_vs_sdpa"] = base["p50_ms"] / row["p50_ms"]
-    append_rows(args.csv, rows, COLUMNS)
+            base = next((r for r in rows if r["attention"] == "sdpa" and r["measure"] == measure), None)
+            if row["status"] == "ok" and base and base["status"] == "ok":
+                row["speed_vs_sdpa"] = base["p50_ms"] / row["p50_ms"]
+            append_rows(args.csv, [row], COLUMNS)  # one at a time: a run cut short keeps what it measured
 
     print(f"csv: {args.csv}\n")
     print(f"{'measure':15} {'attention':9} {'p50 ms':>9} {'tokens/s':>11} {'peak MiB':>9} {'vs sdpa':>8}")

@@ -318,14 +318,14 @@ def sweep_summary(rows: list[dict]) -> list[str]:
 def model_summary(rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    out = [f"model {rows[0]['model']} ({rows[0]['dtype']}): tokens/s, peak MiB, speed vs sdpa"]
+    out = ["model benchmark: tokens/s, peak MiB of the call, speed vs sdpa"]
     for r in rows:
         if r["status"] == "ok":
-            out.append(f"  {r['measure']:15} {r['attention']:9} B{r['batch']:>3} L{r['seqlen']:>5} ctx{r['context']:>6}"
+            out.append(f"  {r['model']:24} {r['measure']:15} {r['attention']:9} B{r['batch']:>3} L{r['seqlen']:>5} ctx{r['context']:>6}"
                        f" {float(r['tokens_per_s']):10.0f} tok/s {float(r['peak_mem_mb'] or 'nan'):8.0f} MiB"
                        f"  {float(r['speed_vs_sdpa'] or 'nan'):.2f}x")
         else:
-            out.append(f"  {r['measure']:15} {r['attention']:9} error: {_short(r['reason'], 120)}")
+            out.append(f"  {r['model']:24} {r['measure']:15} {r['attention']:9} error: {_short(r['reason'], 120)}")
     return out
 
 
