@@ -268,3 +268,12 @@ def test_split_count_follows_the_gpu(monkeypatch):
     assert flash_fwd.choose_num_splits(programs=4096, seqlen_k=65536, block_n=128, device=cuda) == 1
     assert flash_fwd.choose_num_splits(programs=1, seqlen_k=1 << 20, block_n=128, device=cuda) == 64
     assert flash_fwd.choose_num_splits(programs=1, seqlen_k=1 << 20, block_n=128, device=torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("lower_right", [False, True])
+def test_causal_together_with_a_mask(backend, lower_right):
+    """Integrations pass causal and a padding mask in one call (SDPA's front end cannot)."""
+    q, k, v = make(2, 2, 2, 21, 30, 32)
+    mask = torch.rand(2, 1, 1, 30, device=DEVICE) > 0.3
+    check(backend, q, k, v, mask=mask, causal=True, lower_right=lower_right)

@@ -88,7 +88,10 @@ class SDPABackend(Backend):
     def run(self, call: AttentionCall):
         if call.softcap > 0 or call.sinks is not None or call.want_lse:
             return math_attention(call)
-        plain_causal = call.causal and not call.lower_right and call.window == (-1, -1) and call.alibi_slopes is None
+        # torch's is_causal is top-left and refuses an explicit mask beside it; anything
+        # else causal goes into the mask.
+        plain_causal = (call.causal and call.mask is None and not call.lower_right and call.window == (-1, -1)
+                        and call.alibi_slopes is None)
         mask = call.mask
         if not plain_causal:
             mask = combine_masks(mask, positional_bias(call))
