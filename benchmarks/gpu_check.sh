@@ -9,9 +9,10 @@
 # slow stage cannot eat the others' time; a failing stage is recorded and the
 # check goes on:
 #   install   pip install --no-deps --no-build-isolation -e . (PYTHONPATH is set anyway)
+#   build     python -m fastattn build, only where that command exists (the only
+#             stage that compiles the CUDA extension: FASTATTN_CUDA_JIT=0 elsewhere)
 #   env       nvidia-smi, versions, fastattn's backends                    -> env.txt
 #   fastattn  python -m fastattn (backend health, self-check)              -> env.txt
-#   build     python -m fastattn build, only where that command exists
 #   tests     pytest -n 8 on the kernel/front-end/CUDA/Transformers tests  -> tests.log
 #   bench     python -m benchmarks.attention --grid key (ceilings first)  -> bench.csv
 #   flex      the same cases for FlexAttention (compiles per shape: last)  -> bench.csv
@@ -24,6 +25,7 @@
 # the script's own logic can be checked anywhere.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_SECONDS (deadline, default 450),
+# FASTATTN_CUDA_HEAD_DIMS (e.g. "64,128" for a shorter CUDA build),
 # FASTATTN_COMMIT (the commit to record when the tree has no .git),
 # PYTEST_ARGS (default "-q -x"), TEST_FILES (override the test selection).
 set -u -o pipefail
@@ -48,6 +50,9 @@ DEADLINE=${GPU_CHECK_SECONDS:-450}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}
+# The CUDA extension is compiled by the build stage alone (its own time limit); any other
+# process only loads what that stage left in the cache, and never starts a build itself.
+export FASTATTN_CUDA_JIT=${FASTATTN_CUDA_JIT:-0}
 LOG="$OUT/check.log"
 STAGES=$(mktemp)
 trap 'rm -f "$STAGES"' EXIT
@@ -105,6 +110,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 stage install 60 0 10 "$LOG" "$PY" -m pip install --no-deps --no-build-isolation -e .
 
+# ---------------------------------------------------------------- build (optional)
+if "$PY" -m fastattn --help 2>/dev/null | grep -qw build; then
+  if [ "$DRY" = 1 ]; then
+    skip build "dry run (would run: $PY -m fastattn build)"
+  else
+    stage build 120 300 30 "$LOG" "$PY" -m fastattn build
+  fi
+else
+  skip build "no \`python -m fastattn build\` command in this tree"
+fi
+
 # ---------------------------------------------------------------- env
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)   commit: ${FASTATTN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
@@ -137,17 +153,6 @@ for name, backend in fastattn.backends().items():
 EOF
 grep -E "^(python|gpu|fastattn|  backend)" "$OUT/env.txt" | sed 's/^/  /'
 stage fastattn 60 0 10 "$OUT/env.txt" "$PY" -m fastattn
-
-# ---------------------------------------------------------------- build (optional)
-if "$PY" -m fastattn --help 2>/dev/null | grep -qw build; then
-  if [ "$DRY" = 1 ]; then
-    skip build "dry run (would run: $PY -m fastattn build)"
-  else
-    stage build 120 300 30 "$LOG" "$PY" -m fastattn build
-  fi
-else
-  skip build "no \`python -m fastattn build\` command in this tree"
-fi
 
 # ---------------------------------------------------------------- tests
 if [ -n "${TEST_FILES:-}" ]; then
