@@ -106,7 +106,11 @@ echo "gpu_check: out=$OUT deadline=${DEADLINE}s dry_run=$DRY python=$PY"
 
 # ---------------------------------------------------------------- install
 if compgen -G ".whl/*.whl" >/dev/null; then
-  stage wheels 60 0 10 "$LOG" "$PY" -m pip install --no-deps --no-index --no-build-isolation .whl/*.whl
+  if [ "$DRY" = 1 ]; then
+    skip wheels "dry run (would install: $(cd .whl && ls -- *.whl | tr '\n' ' '))"
+  else
+    stage wheels 60 0 10 "$LOG" "$PY" -m pip install --no-deps --no-index --no-build-isolation .whl/*.whl
+  fi
 fi
 stage install 60 0 10 "$LOG" "$PY" -m pip install --no-deps --no-build-isolation -e .
 
