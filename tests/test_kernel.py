@@ -277,3 +277,24 @@ def test_causal_together_with_a_mask(backend, lower_right):
     q, k, v = make(2, 2, 2, 21, 30, 32)
     mask = torch.rand(2, 1, 1, 30, device=DEVICE) > 0.3
     check(backend, q, k, v, mask=mask, causal=True, lower_right=lower_right)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_additive_mask_at_float32_min(backend):
+    """Eager-style masks use finfo(float32).min, not -inf. Keys so masked drop out
+    like -inf ones; a row masked entirely that way is, as in torch, a softmax over
+    equal scores (the mean of V), not a row of zeros."""
+    q, k, v = make(1, 2, 2, 19, 23, 32)
+    lowest = torch.finfo(torch.float32).min
+    mask = torch.zeros(1, 1, 19, 23, device=DEVICE)
+    mask[..., 5:] = lowest
+    mask[..., 3, :] = lowest
+    call = AttentionCall(q=q, k=k, v=v, scale=32 ** -0.5, mask=mask)
+    out, _ = run_backend(backend, call)
+    as_bool = mask > lowest
+    as_bool[..., 3, :] = True  # the reference for that row: every key, equal scores
+    q_row3 = q.clone()
+    q_row3[..., 3, :] = 0
+    ref, _ = reference_attention(q_row3, k, v, mask=as_bool)
+    ref_lowp, _ = reference_attention(q_row3, k, v, mask=as_bool, compute_dtype=None)
+    assert_close_by_rule(out, ref.float(), ref_lowp)

@@ -67,7 +67,12 @@ def _block_update(
         in_bounds = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
     if MASK_KIND == 2:
         bias = tl.load(M_ptrs + start_n * stride_mn, mask=in_bounds, other=0.0)
-        qk += bias.to(tl.float32) * 1.4426950408889634
+        # Masks filled with finfo(float32).min would overflow to -inf in log2 units,
+        # turning "very unlikely" (torch still normalizes such a row) into "masked":
+        # clamp finite values, keep -inf.
+        bias = bias.to(tl.float32)
+        bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.35e38))
+        qk += bias * 1.4426950408889634
 
     if CHECK_BOUNDS:
         keep = cols[None, :] < seqlen_k
@@ -353,7 +358,8 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     causal_bounds: (left, right) key bounds around the diagonal, -1 = unbounded;
     alibi_slopes: None or (B or 1, Hq) float32; sinks: None or (Hq,) logits.
     out: optional preallocated (B, Hq, L, Ev) output, any strides.
-    config: block sizes (see block_config); num_splits: split-KV factor (None = choose).
+    config: block sizes (see block_config), used as given: a config that does not fit the
+    GPU raises instead of stepping down; num_splits: split-KV factor (None = choose).
     Returns out (B, Hq, L, Ev) laid out like q, and lse (B, Hq, L) float32.
     """
     B, Hq, L, E = q.shape
@@ -383,6 +389,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
 
     left, right = causal_bounds
     log2e = 1.4426950408889634
+    may_step_down = config is None
     cfg = dict(config or block_config(E, Ev, L))
     block_d = max(16, triton.next_power_of_2(E))
     block_dv = max(16, triton.next_power_of_2(Ev))
@@ -424,7 +431,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
             except triton.runtime.errors.OutOfResources:
                 # Smaller GPUs (e.g. 99 KB of shared memory on sm_86/89) cannot hold every
                 # config tuned for Hopper: step down until one fits.
-                cfg = _smaller(cfg)
+                cfg = _smaller(cfg) if may_step_down else {}
                 if not cfg:
                     raise
                 continue
