@@ -188,15 +188,36 @@ def _check_heads(hq: int, hk: int, hv: int, *, gqa_allowed: bool, hint: str) -> 
         )
 
 
+def _broadcast_shape(*shapes) -> Optional[tuple[int, ...]]:
+    """numpy-style broadcast of shapes, or None where they do not broadcast (plain
+    Python: torch.broadcast_shapes costs several microseconds per call)."""
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for i in range(ndim):
+        size = 1
+        for s in shapes:
+            d = s[i - ndim + len(s)] if i - ndim + len(s) >= 0 else 1
+            if d != 1:
+                if size != 1 and d != size:
+                    return None
+                size = d
+        out.append(size)
+    return tuple(out)
+
+
 def _broadcast(shapes: list[tuple[int, ...]], what: str) -> tuple[int, ...]:
-    try:
-        return tuple(torch.broadcast_shapes(*shapes))
-    except RuntimeError:
-        raise InvalidInputError(f"{what} do not broadcast: " + ", ".join(str(tuple(s)) for s in shapes)) from None
+    if shapes[0] == shapes[1] == shapes[2]:
+        return tuple(shapes[0])
+    out = _broadcast_shape(*shapes)
+    if out is None:
+        raise InvalidInputError(f"{what} do not broadcast: " + ", ".join(str(tuple(s)) for s in shapes))
+    return out
 
 
 def _to_4d(t: torch.Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> torch.Tensor:
     """Broadcast ``t`` to ``lead + tail`` and view it as 4-d (B, H, *tail)."""
+    if len(lead) == 2 and t.shape == (*lead, *tail):
+        return t
     t = t.expand(*lead, *tail)
     if len(lead) == 2:
         return t
@@ -262,12 +283,10 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
             raise InvalidInputError(f"attn_mask must have at least 2 dims (L, S), got shape {tuple(attn_mask.shape)}")
         if attn_mask.device != query.device:
             raise InvalidInputError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-        try:
-            torch.broadcast_shapes(attn_mask.shape, (*lead, L, S))
-        except RuntimeError:
+        if _broadcast_shape(attn_mask.shape, (*lead, L, S)) != (*lead, L, S):
             raise InvalidInputError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {(*lead, L, S)}"
-            ) from None
+            )
         mask = _mask_to_4d(attn_mask, lead, L, S)
 
     out_lead = lead
