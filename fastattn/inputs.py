@@ -40,6 +40,7 @@ class Features:
     num_heads_q: int
     num_heads_kv: int
     empty: bool
+    equal_lengths: bool  # L == S: both causal alignments coincide
     causal: bool
     lower_right: bool
     window: tuple[int, int]
@@ -116,6 +117,7 @@ class AttentionCall:
             head_dim_v=v.shape[-1],
             num_heads_q=q.shape[1],
             num_heads_kv=k.shape[1],
+            equal_lengths=q.shape[2] == k.shape[2],
             empty=q.numel() == 0 or k.shape[2] == 0 or k.shape[-1] == 0 or v.shape[-1] == 0,
             causal=self.causal,
             lower_right=self.lower_right,

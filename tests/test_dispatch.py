@@ -14,6 +14,14 @@ from fastattn.inputs import from_sdpa_args
 from .conftest import DEVICE
 
 
+def plain_auto() -> str:
+    """Auto dispatch's choice for half_inputs(): triton, except on Hopper GPUs, where
+    plain calls go to torch's faster fused SDPA (measured; see dispatch.priority)."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        return "sdpa"
+    return "triton"
+
+
 def half_inputs(E=32, dtype=torch.float16):
     q = torch.randn(1, 2, 8, E, device=DEVICE, dtype=dtype)
     return q, torch.randn_like(q), torch.randn_like(q)
@@ -52,11 +60,34 @@ def test_dropout_and_grad_are_reasons():
     q.requires_grad_(True)
     assert any("grad" in r for r in fastattn.explain(q, k, v).reasons("triton"))
     with torch.no_grad():
-        assert fastattn.explain(q, k, v).chosen == "triton"
+        assert fastattn.explain(q, k, v).chosen == plain_auto()
 
 
-def test_half_inputs_choose_triton():
-    assert fastattn.explain(*half_inputs()).chosen == "triton"
+def test_half_inputs_choose_plain_auto():
+    assert fastattn.explain(*half_inputs()).chosen == plain_auto()
+
+
+@pytest.mark.parametrize("capability,extra,first", [
+    ((9, 0), {}, "sdpa"),
+    ((8, 0), {}, "triton"),
+    ((9, 0), {"mask_dtype": torch.bool}, "triton"),
+    ((9, 0), {"window": (16, 0)}, "triton"),
+    ((9, 0), {"has_softcap": True}, "triton"),
+    ((9, 0), {"causal": True, "lower_right": True, "equal_lengths": False}, "triton"),
+    ((9, 0), {"causal": True, "lower_right": True, "equal_lengths": True}, "sdpa"),
+])
+def test_priority_rule_on_gpus(monkeypatch, capability, extra, first):
+    """Plain calls go to torch's fused SDPA on Hopper (measured faster there), the rest to triton."""
+    import dataclasses
+
+    from fastattn.backends import triton as triton_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_backend, "device_capability", lambda index: capability)
+    call, _ = from_sdpa_args(*half_inputs())
+    features = dataclasses.replace(call.features, device_type="cuda", device_index=0, **extra)
+    order = dispatch.priority(features)
+    assert order[0] == first and order[-1 if first != "sdpa" else 0] == "sdpa"
 
 
 def test_use_backend_forces_and_restores():
@@ -64,9 +95,9 @@ def test_use_backend_forces_and_restores():
     with fastattn.use_backend("sdpa"):
         assert fastattn.explain(q, k, v).chosen == "sdpa"
         with fastattn.use_backend("auto"):
-            assert fastattn.explain(q, k, v).chosen == "triton"
+            assert fastattn.explain(q, k, v).chosen == plain_auto()
         assert fastattn.explain(q, k, v).chosen == "sdpa"
-    assert fastattn.explain(q, k, v).chosen == "triton"
+    assert fastattn.explain(q, k, v).chosen == plain_auto()
 
 
 def test_use_backend_restores_after_an_exception():
@@ -118,7 +149,7 @@ def test_environment_variable_forces(monkeypatch):
     monkeypatch.setenv("FASTATTN_BACKEND", "sdpa")
     assert fastattn.explain(q, k, v).chosen == "sdpa"
     with fastattn.use_backend("auto"):  # the context manager wins over the environment
-        assert fastattn.explain(q, k, v).chosen == "triton"
+        assert fastattn.explain(q, k, v).chosen == plain_auto()
     monkeypatch.setenv("FASTATTN_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="FASTATTN_BACKEND"):
         fastattn.explain(q, k, v)
@@ -138,7 +169,7 @@ def test_torch_sdpa_kernel_context_is_respected():
         report = fastattn.explain(q, k, v)
         assert report.chosen == "sdpa"
         assert any("sdpa_kernel" in r for r in report.reasons("triton"))
-    assert fastattn.explain(q, k, v).chosen == "triton"
+    assert fastattn.explain(q, k, v).chosen == plain_auto()
 
 
 def test_decisions_are_cached():

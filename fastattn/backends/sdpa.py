@@ -90,7 +90,8 @@ class SDPABackend(Backend):
             return math_attention(call)
         # torch's is_causal is top-left and refuses an explicit mask beside it; anything
         # else causal goes into the mask.
-        plain_causal = (call.causal and call.mask is None and not call.lower_right and call.window == (-1, -1)
+        top_left = not call.lower_right or call.seqlen_q == call.seqlen_k
+        plain_causal = (call.causal and call.mask is None and top_left and call.key_bounds == (-1, 0)
                         and call.alibi_slopes is None)
         mask = call.mask
         if not plain_causal:
