@@ -67,16 +67,22 @@ class TritonBackend(Backend):
         return reasons
 
     def run(self, call: AttentionCall):
+        left, right = call.key_bounds
+        if torch.compiler.is_compiling():
+            # Opaque to the compiler, with a fake implementation (fastattn/ops/triton_fwd.py).
+            from ..ops.triton_fwd import triton_fwd
+
+            return triton_fwd(call.q, call.k, call.v, call.mask, call.alibi_slopes, call.sinks, call.scale,
+                              left, right, call.diag_offset, call.softcap)
         from ..kernels.triton.flash_fwd import flash_attn_forward
 
-        out, lse = flash_attn_forward(
+        return flash_attn_forward(
             call.q, call.k, call.v,
             scale=call.scale,
             mask=call.mask,
-            causal_bounds=call.key_bounds,
+            causal_bounds=(left, right),
             diag_offset=call.diag_offset,
             softcap=call.softcap,
             alibi_slopes=call.alibi_slopes,
             sinks=call.sinks,
         )
-        return out, lse

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .layout import empty_outputs
+
 OP_NAME = "fastattn::fwd"
 
 _registered = False
@@ -24,13 +26,7 @@ def fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, wi
              seqused_k: Optional[torch.Tensor] = None, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Shapes and layouts of the C++ op's results: ``out`` (B, Hq, L, D) in q's memory
     layout (a transposed (B, L, Hq, D) buffer when q is one), ``lse`` (B, Hq, L) float32."""
-    B, Hq, L, D = q.shape
-    if q.stride(1) < q.stride(2):
-        out = q.new_empty((B, L, Hq, D)).transpose(1, 2)
-    else:
-        out = q.new_empty((B, Hq, L, D))
-    lse = q.new_empty((B, Hq, L), dtype=torch.float32)
-    return out, lse
+    return empty_outputs(q, q.shape[-1])
 
 
 def register_fake_impl() -> None:

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..._env import interpreting
+from ...ops.layout import empty_outputs
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
@@ -367,11 +368,9 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     if out is not None:
         if out.shape != (B, Hq, L, Ev) or out.dtype != q.dtype:
             raise ValueError(f"out must be {(B, Hq, L, Ev)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
-    elif q.stride(1) < q.stride(2):  # q is a transposed (B, L, H, E) buffer: write the output the same way
-        out = torch.empty((B, L, Hq, Ev), dtype=q.dtype, device=q.device).transpose(1, 2)
+        lse = q.new_empty((B, Hq, L), dtype=torch.float32)
     else:
-        out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+        out, lse = empty_outputs(q, Ev)
 
     if mask is None:
         mask_kind, mask_arg, mstrides = MASK_NONE, q, (0, 0, 0, 0)

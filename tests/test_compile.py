@@ -1,0 +1,60 @@
+"""torch.compile traces through fastattn: the Triton kernel is an opaque custom op
+with a fake implementation (Transformers compiles the forward for StaticCache
+generation, so this is not optional)."""
+import pytest
+import torch
+
+import fastattn
+from fastattn.ops.triton_fwd import triton_fwd
+from fastattn.testing import assert_close_by_rule, reference_attention
+
+from .conftest import DEVICE
+
+
+def inputs(dtype=torch.float16):
+    q = torch.randn(2, 9, 4, 32, device=DEVICE, dtype=dtype).transpose(1, 2)  # (B, H, L, E) view of (B, L, H, E)
+    k = torch.randn(2, 2, 13, 32, device=DEVICE, dtype=dtype)
+    v = torch.randn(2, 2, 13, 32, device=DEVICE, dtype=dtype)
+    mask = torch.rand(2, 1, 1, 13, device=DEVICE) > 0.3
+    return q, k, v, mask
+
+
+def test_opcheck():
+    q, k, v, mask = inputs()
+    torch.library.opcheck(triton_fwd, (q, k, v, mask, None, torch.randn(4, device=DEVICE), 0.2, 5, 0, 4, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fake_outputs_match_the_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v, mask = inputs()
+    real_out, real_lse = triton_fwd(q, k, v, mask, None, None, 0.2, -1, 0, 4, 0.0)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fm = (mode.from_tensor(t) for t in (q, k, v, mask))
+        fake_out, fake_lse = triton_fwd(fq, fk, fv, fm, None, None, 0.2, -1, 0, 4, 0.0)
+    assert fake_out.shape == real_out.shape and fake_out.stride() == real_out.stride()
+    assert fake_lse.shape == real_lse.shape and fake_lse.dtype == real_lse.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_compiled_sdpa_with_a_bool_mask(dtype):
+    q, k, v, mask = inputs(dtype)
+
+    def attend(q, k, v, mask):
+        return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) * 2
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with fastattn.use_backend("triton"):
+        got = torch.compile(attend, backend=recording_backend)(q, k, v, mask)
+    targets = {node.target for gm in graphs for node in gm.graph.nodes}
+    assert torch.ops.fastattn.triton_fwd.default in targets, "the kernel did not enter the graph as its custom op"
+    ref, _ = reference_attention(q, k, v, mask=mask)
+    ref_lowp, _ = reference_attention(q, k, v, mask=mask, compute_dtype=None)
+    assert_close_by_rule(got / 2, ref.float(), ref_lowp)
