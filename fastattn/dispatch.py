@@ -6,7 +6,6 @@ import contextlib
 import contextvars
 import functools
 import os
-import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
 

@@ -1,8 +1,6 @@
 """The public front ends: SDPA-compatible and flash-attn-compatible."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import dispatch

@@ -52,8 +52,10 @@ def combine_masks(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optio
     return a.float() + b.float()
 
 
-def math_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention spelled out in float32 (GQA, softcap, masks, dropout); returns (out, lse)."""
+def math_attention(call: AttentionCall, return_probs: bool = False):
+    """Attention spelled out in float32 (GQA, softcap, masks, sinks, dropout); returns
+    (out, lse), and the probabilities after dropout in the input dtype when
+    ``return_probs`` (Transformers' ``output_attentions``)."""
     q, k, v = call.q.float(), call.k.float(), call.v.float()
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -74,8 +76,9 @@ def math_attention(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     p = torch.exp(s - lse.masked_fill(empty, 0).unsqueeze(-1))
     if call.dropout_p > 0:
         p = F.dropout(p, call.dropout_p)
-    out = torch.matmul(p, v)
-    return out.to(call.q.dtype), lse.masked_fill(empty, float("inf"))
+    out = torch.matmul(p, v).to(call.q.dtype)
+    lse = lse.masked_fill(empty, float("inf"))
+    return (out, lse, p.to(call.q.dtype)) if return_probs else (out, lse)
 
 
 class SDPABackend(Backend):

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .. import dispatch
-from ..backends.sdpa import combine_masks, positional_bias, torch_sdpa
+from ..backends.sdpa import math_attention
 from ..functional import attention
 from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args
 
@@ -210,23 +210,8 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
 
 def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention spelled out in fp32, returning the probabilities too (output_attentions)."""
-    q, k, v = call.q.float(), call.k.float(), call.v.float()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = torch.matmul(q, k.transpose(-2, -1)) * call.scale
-    if call.softcap > 0:
-        s = call.softcap * torch.tanh(s / call.softcap)
-    mask = combine_masks(call.mask, positional_bias(call))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
-    if call.sinks is not None:
-        s = torch.cat([s, call.sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    if call.sinks is not None:
-        p = p[..., :-1]
-    if call.dropout_p > 0:
-        p = torch.nn.functional.dropout(p, call.dropout_p)
-    return torch.matmul(p, v).to(call.q.dtype), p.to(call.q.dtype)
+    out, _, probs = math_attention(call, return_probs=True)
+    return out, probs
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import statistics
 import time
-from collections import Counter
 
 import torch
 
