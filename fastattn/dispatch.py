@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import _device
 from ._env import interpreting
 from .backends.base import Backend
 from .backends.sdpa import SDPABackend
@@ -49,12 +50,6 @@ def torch_fused_fits(f: Features) -> bool:
             and f.head_dim == f.head_dim_v and f.head_dim % 8 == 0 and f.head_dim <= 256)
 
 
-def _capability(f: Features) -> tuple[int, int]:
-    from .backends.triton import device_capability
-
-    return device_capability(f.device_index if f.device_index is not None else torch.cuda.current_device())
-
-
 def priority(features: Features) -> list[str]:
     """Backends to try, best first.
 
@@ -74,7 +69,7 @@ def priority(features: Features) -> list[str]:
     """
     order = [name for name in ("triton", "cuda") if name in _REGISTRY]
     order += [name for name in _REGISTRY if name not in order and name != "sdpa"]
-    if torch_fused_fits(features) and torch.cuda.is_available() and _capability(features) >= (9, 0):
+    if torch_fused_fits(features) and torch.cuda.is_available() and _device.capability(features.device_index) >= (9, 0):
         return ["sdpa"] + order
     return order + ["sdpa"]
 

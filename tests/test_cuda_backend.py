@@ -7,14 +7,12 @@ accuracy grid against an fp64 reference, plus decode (split-KV) and per-batch ke
 """
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastattn import _extension, dispatch
-from fastattn.backends import cuda as cuda_backend
+from fastattn import _device, _extension, dispatch
 from fastattn.backends.cuda import CudaBackend, padded_head_dim, prepare
 from fastattn.inputs import Features, from_flash_args, from_sdpa_args
 from fastattn.ops.cuda_fwd import fwd_fake
@@ -52,7 +50,7 @@ def loaded_extension(monkeypatch):
     """Pretend the extension is loaded with every head dim on an sm_90 GPU."""
     status = _extension.ExtensionStatus(True, None, "/fake/fastattn_cuda.so", _extension.ALL_HEAD_DIMS)
     monkeypatch.setattr(_extension, "load", lambda: status)
-    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(_device, "capability", lambda index: (9, 0))
 
 
 # --------------------------------------------------------------------------- reasons (no GPU)
@@ -84,7 +82,7 @@ def test_each_refused_input_has_its_reason(loaded_extension, change, expected):
 
 
 def test_old_gpu_is_refused(loaded_extension, monkeypatch):
-    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(_device, "capability", lambda index: (7, 5))
     assert CudaBackend().not_supported_reasons(GOOD) == [
         "GPU compute capability 7.5 is too old (the cuda backend needs 8.0 or newer)"]
 
@@ -98,7 +96,7 @@ def test_reasons_are_all_collected(loaded_extension):
 def test_head_dims_limited_at_build_time(monkeypatch):
     status = _extension.ExtensionStatus(True, None, "/fake.so", (64, 128))
     monkeypatch.setattr(_extension, "load", lambda: status)
-    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: (8, 0))
+    monkeypatch.setattr(_device, "capability", lambda index: (8, 0))
     reasons = CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=200, head_dim_v=200))
     assert reasons == ["head_dim=200 is too large (supported: <= 128) (compiled: 64, 128)"]
 
@@ -174,8 +172,7 @@ def test_load_error_is_a_reason(tmp_path):
 
 def test_explain_shows_the_cuda_reason(fresh_extension, monkeypatch):
     monkeypatch.setattr(_extension, "find_cuda_home", lambda: (None, ["/nowhere"]))
-    monkeypatch.setattr(cuda_backend, "device_capability", lambda index: (9, 0))
-    monkeypatch.setattr(sys.modules["fastattn.backends.triton"], "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(_device, "capability", lambda index: (9, 0))
     explanation = dispatch._decide(GOOD, None, False, (), False)
     assert explanation.chosen != "cuda"
     assert any("nvcc not found" in r for r in explanation.reasons("cuda"))

@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn
-from fastattn import dispatch
+from fastattn import _device, dispatch
 from fastattn.inputs import from_sdpa_args
 
 from .conftest import DEVICE
@@ -80,10 +80,8 @@ def test_priority_rule_on_gpus(monkeypatch, capability, extra, first):
     """Plain calls go to torch's fused SDPA on Hopper (measured faster there), the rest to triton."""
     import dataclasses
 
-    from fastattn.backends import triton as triton_backend
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(triton_backend, "device_capability", lambda index: capability)
+    monkeypatch.setattr(_device, "capability", lambda index: capability)
     call, _ = from_sdpa_args(*half_inputs())
     features = dataclasses.replace(call.features, device_type="cuda", device_index=0, **extra)
     order = dispatch.priority(features)
@@ -226,19 +224,18 @@ def test_device_guard_is_a_no_op_on_cpu():
         pass
 
 
-def test_device_capability_is_cached_per_index(monkeypatch):
-    from fastattn.backends import triton as triton_backend
-
+def test_device_facts_are_cached_per_index(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: calls.append(i) or (9, 0))
-    triton_backend.device_capability.cache_clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 4)
+    _device._capability.cache_clear()
     try:
-        assert triton_backend.device_capability(3) == (9, 0)
-        assert triton_backend.device_capability(3) == (9, 0)
-        assert triton_backend.device_capability(4) == (9, 0)
+        assert _device.capability(3) == (9, 0)
+        assert _device.capability(3) == (9, 0)
+        assert _device.capability(None) == (9, 0)  # the current device, by its index
         assert calls == [3, 4]
     finally:
-        triton_backend.device_capability.cache_clear()
+        _device._capability.cache_clear()
 
 
 def test_call_features_are_hashable_and_describe_the_call():

@@ -261,7 +261,7 @@ def test_triton_split_kv(dtype, L, features):
 def test_split_count_follows_the_gpu(monkeypatch):
     from fastattn.kernels.triton import flash_fwd
 
-    monkeypatch.setattr(flash_fwd, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(flash_fwd._device, "sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert flash_fwd.choose_num_splits(programs=32, seqlen_k=65536, block_n=128, device=cuda) == 9
     assert flash_fwd.choose_num_splits(programs=32, seqlen_k=512, block_n=128, device=cuda) == 1

@@ -8,13 +8,12 @@ changes neither the scores nor the kept output columns.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _extension
+from .. import _device, _extension
 from ..inputs import HALF_DTYPES, AttentionCall, Features
 from .base import Backend
 
@@ -27,11 +26,6 @@ MSG_LAST_DIM = "the last dim of q, k and v must be contiguous (stride 1)"
 MSG_HEAD_DIM = "is too large (supported: <= {max})"
 MSG_CAPABILITY = "is too old (the cuda backend needs 8.0 or newer)"
 SHARED_WITH_CPP = (MSG_DEVICE, MSG_DTYPE, MSG_LAST_DIM, MSG_HEAD_DIM.split("{")[0], MSG_CAPABILITY)
-
-
-@functools.lru_cache(maxsize=None)
-def device_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def padded_head_dim(head_dim: int, compiled: tuple[int, ...]) -> Optional[int]:
@@ -75,8 +69,7 @@ class CudaBackend(Backend):
             reasons.append(f"query is on {f.device_type}; {MSG_DEVICE}")
         else:
             reasons += self.availability()
-            index = f.device_index if f.device_index is not None else torch.cuda.current_device()
-            major, minor = device_capability(index)
+            major, minor = _device.capability(f.device_index)
             if (major, minor) < MIN_CAPABILITY:
                 reasons.append(f"GPU compute capability {major}.{minor} {MSG_CAPABILITY}")
         if f.dtype not in self.dtypes:

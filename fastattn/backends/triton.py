@@ -5,6 +5,7 @@ import functools
 
 import torch
 
+from .. import _device
 from .._env import interpreting
 from ..inputs import HALF_DTYPES, AttentionCall, Features
 from .base import Backend
@@ -19,12 +20,6 @@ def _import_error() -> str | None:
     except Exception as exc:  # ImportError, or a broken triton install
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def device_capability(index: int) -> tuple[int, int]:
-    """Compute capability of a CUDA device, cached per device index."""
-    return torch.cuda.get_device_capability(index)
 
 
 class TritonBackend(Backend):
@@ -47,7 +42,7 @@ class TritonBackend(Backend):
         elif f.device_type != "cuda":
             reasons.append(f"device type {f.device_type!r} is not supported (supported: cuda)")
         elif not interpreting() and torch.cuda.is_available():
-            major, minor = device_capability(f.device_index if f.device_index is not None else torch.cuda.current_device())
+            major, minor = _device.capability(f.device_index)
             need = (8, 0) if f.dtype == torch.bfloat16 else (7, 5)
             if (major, minor) < need:
                 reasons.append(f"GPU compute capability {major}.{minor} is too old for {f.dtype} "

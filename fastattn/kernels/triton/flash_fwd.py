@@ -13,12 +13,12 @@ the keys. Explicit masks and ALiBi are applied in every block.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from ... import _device
 from ..._env import interpreting
 from ...ops.layout import empty_outputs
 
@@ -308,18 +308,13 @@ def block_config(head_dim: int, head_dim_v: int, seqlen_q: int) -> dict:
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def choose_num_splits(programs: int, seqlen_k: int, block_n: int, device: torch.device) -> int:
     """Split the keys when too few (batch, head, row-block) programs exist to fill the
     GPU (decode: one query row per head): aim for two waves of programs, each
     split at least four key blocks long."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _device.sm_count(device.index)
     if programs >= sms:
         return 1
     by_occupancy = triton.cdiv(2 * sms, programs)
