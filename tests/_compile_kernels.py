@@ -35,7 +35,7 @@ def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps: i
 
 
 def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8", left=False, right=True,
-                    softcap=False, alibi=False, sinks=False, split=False):
+                    softcap=False, alibi=False, sinks=False, split=False, pack=False):
     Ev = E if Ev is None else Ev
     cfg = flash_fwd.block_config(E, Ev, L)
     pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": "fp32" if split else dtype, "Lse": "fp32",
@@ -44,7 +44,7 @@ def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8
     constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
                       BLOCK_DV=max(16, triton.next_power_of_2(Ev)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       HAS_LEFT=left, HAS_RIGHT=right, MASK_KIND=mask, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                      HAS_SINKS=sinks, SPLIT=split, UPCAST=False)
+                      HAS_SINKS=sinks, SPLIT=split, PACK_GQA=pack, UPCAST=False)
     return pointers, constexprs, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -56,6 +56,7 @@ VARIANTS = {
     "bf16_bool_mask_softcap_alibi_sinks": dict(mask=1, softcap=True, alibi=True, sinks=True, left=True),
     "fp16_float_mask": dict(dtype="fp16", mask=2, mask_dtype="fp32", right=False),
     "bf16_decode_split": dict(L=1, right=False, split=True, sinks=True),
+    "bf16_decode_pack_gqa": dict(L=4, split=True, pack=True, mask=1, alibi=True, sinks=True),
 }
 
 

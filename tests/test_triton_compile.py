@@ -15,7 +15,8 @@ import pytest
 
 HELPER = Path(__file__).with_name("_compile_kernels.py")
 SM90 = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd256", "fp16_hd59_ev40_window",
-        "bf16_bool_mask_softcap_alibi_sinks", "fp16_float_mask", "bf16_decode_split", "combine"]
+        "bf16_bool_mask_softcap_alibi_sinks", "fp16_float_mask", "bf16_decode_split", "bf16_decode_pack_gqa",
+        "combine"]
 SM80 = ["bf16_hd128_causal", "bf16_decode_split"]
 
 

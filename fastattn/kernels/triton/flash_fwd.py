@@ -34,7 +34,7 @@ def _tanh(x):
 @triton.jit
 def _block_update(
     acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n,
-    offs_m, offs_n, offs_d, offs_dv,
+    row_pos, row_valid, offs_n, offs_d, offs_dv,
     stride_kn, stride_vn, stride_mn,
     seqlen_q, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, slope,
@@ -61,11 +61,11 @@ def _block_update(
     else:
         qk = qk * qk_scale
 
-    rel = cols[None, :] - (offs_m[:, None] + diag_offset)  # key position relative to the query's diagonal
+    rel = cols[None, :] - (row_pos[:, None] + diag_offset)  # key position relative to the query's diagonal
     if HAS_ALIBI:
-        qk -= slope * tl.abs(rel).to(tl.float32)
+        qk -= slope[:, None] * tl.abs(rel).to(tl.float32)
     if MASK_KIND != 0:
-        in_bounds = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+        in_bounds = row_valid[:, None] & (cols[None, :] < seqlen_k)
     if MASK_KIND == 2:
         bias = tl.load(M_ptrs + start_n * stride_mn, mask=in_bounds, other=0.0)
         # Masks filled with finfo(float32).min would overflow to -inf in log2 units,
@@ -127,7 +127,7 @@ def _flash_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, PACK_GQA: tl.constexpr, UPCAST: tl.constexpr,
 ):
     if HAS_RIGHT:
         # Causal row blocks get longer with start_m: start the long ones first so the
@@ -135,36 +135,53 @@ def _flash_fwd_kernel(
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    off_hk = off_h // kv_group
-
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh \
-        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    # Each row of the tile is one (query head, query position) pair.
+    off_bh = tl.program_id(1)
+    if PACK_GQA:
+        # Decode with GQA: one program serves every query head of its K/V head, so K/V
+        # are read once per group instead of once per query head. Rows run over
+        # (head in group, position).
+        num_kv_heads = num_heads // kv_group
+        off_b = off_bh // num_kv_heads
+        off_hk = off_bh % num_kv_heads
+        row_head = off_hk * kv_group + offs_m // seqlen_q
+        row_pos = offs_m % seqlen_q
+        row_valid = offs_m < kv_group * seqlen_q
+    else:
+        off_b = off_bh // num_heads
+        off_h = off_bh % num_heads
+        off_hk = off_h // kv_group
+        row_head = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h
+        row_pos = offs_m
+        row_valid = offs_m < seqlen_q
+    row_head = tl.where(row_valid, row_head, 0)  # keep the padding rows' addresses in bounds
+    row_pos = tl.where(row_valid, row_pos, 0)
+
+    q_ptrs = Q + off_b.to(tl.int64) * stride_qb \
+        + (row_head.to(tl.int64) * stride_qh + row_pos * stride_qm)[:, None] + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     K_ptrs = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh \
         + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     V_ptrs = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh \
         + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     M_ptrs = Mask
     if MASK_KIND != 0:
-        M_ptrs = Mask + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh \
-            + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-    slope = 0.0
+        M_ptrs = Mask + off_b.to(tl.int64) * stride_mb \
+            + (row_head.to(tl.int64) * stride_mh + row_pos * stride_mm)[:, None] + offs_n[None, :] * stride_mn
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
-        slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh) * 1.4426950408889634
+        slope = tl.load(Slopes + off_b * stride_sb + row_head * stride_sh).to(tl.float32) * 1.4426950408889634
 
     if HAS_SINKS and not SPLIT:
         # The sink is a logit with no value: it starts the running max and sum.
         # (With split keys, the combine step adds it once.)
-        sink = tl.load(Sinks + off_h).to(tl.float32) * 1.4426950408889634
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
+        sink = tl.load(Sinks + row_head).to(tl.float32) * 1.4426950408889634
+        m_i = sink
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -173,8 +190,12 @@ def _flash_fwd_kernel(
 
     # Visible keys of this row block: [lo, hi). Inside [mid_lo, mid_hi) every key is
     # visible to every row (up to explicit masks), so bounds need no checking there.
-    first_row = start_m * BLOCK_M
-    last_row = first_row + BLOCK_M - 1
+    if PACK_GQA:  # rows of several heads: the positions they span
+        first_row = tl.min(tl.where(row_valid, row_pos, seqlen_q), 0)
+        last_row = tl.max(row_pos, 0)
+    else:
+        first_row = start_m * BLOCK_M
+        last_row = first_row + BLOCK_M - 1
     lo = 0
     hi = seqlen_k
     mid_lo = 0
@@ -203,21 +224,21 @@ def _flash_fwd_kernel(
 
     for start_n in range(lo, mid_lo, BLOCK_N):
         acc, m_i, l_i = _block_update(
-            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, offs_m, offs_n, offs_d, offs_dv,
+            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
             MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         acc, m_i, l_i = _block_update(
-            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, offs_m, offs_n, offs_d, offs_dv,
+            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, False,
             MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
     for start_n in range(mid_hi, hi, BLOCK_N):
         acc, m_i, l_i = _block_update(
-            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, offs_m, offs_n, offs_d, offs_dv,
+            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
@@ -231,12 +252,11 @@ def _flash_fwd_kernel(
     lse = tl.where(empty, float("-inf") if SPLIT else float("inf"),
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
 
-    o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh \
-        + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty),
-             mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
-    l_ptrs = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m
-    tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+    o_ptrs = Out + off_b.to(tl.int64) * stride_ob \
+        + (row_head.to(tl.int64) * stride_oh + row_pos * stride_om)[:, None] + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    l_ptrs = Lse + off_b.to(tl.int64) * stride_lb + row_head.to(tl.int64) * stride_lh + row_pos
+    tl.store(l_ptrs, lse, mask=row_valid)
 
 
 @triton.jit
@@ -346,7 +366,8 @@ def _smaller(cfg: dict) -> dict:
 
 
 def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
-                       softcap=0.0, alibi_slopes=None, sinks=None, out=None, config=None, num_splits=None):
+                       softcap=0.0, alibi_slopes=None, sinks=None, out=None, config=None, num_splits=None,
+                       pack_gqa=None):
     """Run the kernel.
 
     q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev), any strides;
@@ -355,7 +376,9 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     alibi_slopes: None or (B or 1, Hq) float32; sinks: None or (Hq,) logits.
     out: optional preallocated (B, Hq, L, Ev) output, any strides.
     config: block sizes (see block_config), used as given: a config that does not fit the
-    GPU raises instead of stepping down; num_splits: split-KV factor (None = choose).
+    GPU raises instead of stepping down; num_splits: split-KV factor (None = choose);
+    pack_gqa: put all query heads of a K/V head in one program (None = for short
+    queries with GQA, where reading K/V once per group is what counts).
     Returns out (B, Hq, L, Ev) laid out like q, and lse (B, Hq, L) float32.
     """
     B, Hq, L, E = q.shape
@@ -383,16 +406,20 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
 
     left, right = causal_bounds
     log2e = 1.4426950408889634
+    group = Hq // Hkv
+    if pack_gqa is None:
+        pack_gqa = group > 1 and L <= 16
+    rows, programs_per_row_block = (group * L, B * Hkv) if pack_gqa else (L, B * Hq)
     may_step_down = config is None
-    cfg = dict(config or block_config(E, Ev, L))
+    cfg = dict(config or block_config(E, Ev, rows))
     block_d = max(16, triton.next_power_of_2(E))
     block_dv = max(16, triton.next_power_of_2(Ev))
 
     with device_guard(q.device):
         while True:
             block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-            m_blocks = triton.cdiv(L, block_m)
-            splits = num_splits or choose_num_splits(m_blocks * B * Hq, S, block_n, q.device)
+            m_blocks = triton.cdiv(rows, block_m)
+            splits = num_splits or choose_num_splits(m_blocks * programs_per_row_block, S, block_n, q.device)
             splits = max(1, min(splits, triton.cdiv(S, block_n)))
             split_size = triton.cdiv(triton.cdiv(S, block_n), splits) * block_n
             splits = triton.cdiv(S, split_size)
@@ -404,7 +431,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
             else:
                 dst_out, dst_lse, split_strides = out, lse, (0, 0)
             try:
-                _flash_fwd_kernel[(m_blocks, B * Hq, splits)](
+                _flash_fwd_kernel[(m_blocks, programs_per_row_block, splits)](
                     q, k, v, dst_out, dst_lse, mask_arg, slopes_arg, sinks_arg,
                     *q.stride(), *k.stride(), *v.stride(), *dst_out.stride(),
                     dst_lse.stride(0), dst_lse.stride(1),
@@ -418,7 +445,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
                     HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                     MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-                    HAS_SINKS=sinks is not None, SPLIT=splits > 1,
+                    HAS_SINKS=sinks is not None, SPLIT=splits > 1, PACK_GQA=pack_gqa,
                     UPCAST=interpreting(),
                     **cfg,
                 )
