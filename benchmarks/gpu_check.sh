@@ -13,7 +13,8 @@
 #             stage that compiles the CUDA extension: FASTATTN_CUDA_JIT=0 elsewhere)
 #   env       nvidia-smi, versions, fastattn's backends                    -> env.txt
 #   fastattn  python -m fastattn (backend health, self-check)              -> env.txt
-#   tests     pytest -n 8 on the kernel/front-end/CUDA/Transformers tests  -> tests.log
+#   tests-triton  pytest -v -n 8 -k "not cuda": kernel/front-end/dispatch/Transformers -> tests.log
+#   tests-cuda    pytest -v -n 8: test_cuda_backend.py + test_kernel.py -k cuda     -> tests.log
 #   bench     python -m benchmarks.attention --grid key (ceilings first)  -> bench.csv
 #   flex      the same cases for FlexAttention (compiles per shape: last)  -> bench.csv
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
@@ -27,7 +28,8 @@
 # Environment: PYTHON (default python3), GPU_CHECK_SECONDS (deadline, default 450),
 # FASTATTN_CUDA_HEAD_DIMS (e.g. "64,128" for a shorter CUDA build),
 # FASTATTN_COMMIT (the commit to record when the tree has no .git),
-# PYTEST_ARGS (default "-q -x"), TEST_FILES (override the test selection).
+# PYTEST_ARGS (default "-v --maxfail=40"), TEST_FILES (one pytest run over these files instead
+# of the two runs).
 set -u -o pipefail
 
 usage() { echo "usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
@@ -85,7 +87,7 @@ stage() {
     record "$name" "skipped: no time left before the ${DEADLINE}s deadline"
     return 0
   fi
-  printf '\n===== %s (limit %ss): %s\n' "$name" "$limit" "$*" >>"$logfile"
+  { printf '\n===== %s (limit %ss):' "$name" "$limit"; printf ' %q' "$@"; echo; } >>"$logfile"
   t=$SECONDS
   timeout -k 10 "$limit" "$@" >>"$logfile" 2>&1
   rc=$?
@@ -119,7 +121,7 @@ if "$PY" -m fastattn --help 2>/dev/null | grep -qw build; then
   if [ "$DRY" = 1 ]; then
     skip build "dry run (would run: $PY -m fastattn build)"
   else
-    stage build 120 300 30 "$LOG" "$PY" -m fastattn build
+    stage build 90 330 30 "$LOG" "$PY" -m fastattn build
   fi
 else
   skip build "no \`python -m fastattn build\` command in this tree"
@@ -159,26 +161,66 @@ grep -E "^(python|gpu|fastattn|  backend)" "$OUT/env.txt" | sed 's/^/  /'
 stage fastattn 60 0 10 "$OUT/env.txt" "$PY" -m fastattn
 
 # ---------------------------------------------------------------- tests
-if [ -n "${TEST_FILES:-}" ]; then
+# Two pytest runs, so that a crash or a timeout in one cannot hide the other's results:
+#   tests-triton  the Triton kernel, front end, dispatch and Transformers tests (-k "not cuda";
+#                 about 165 s with -n 8 on an H100)
+#   tests-cuda    the CUDA extension: tests/test_cuda_backend.py and test_kernel.py's cuda cases
+# Both write one line per test as it finishes (-v), so a run that is killed still shows what
+# failed; --maxfail instead of -x, so one failure does not hide the next.
+read -r -a PYTEST_EXTRA <<<"${PYTEST_ARGS:--v --maxfail=40}"
+existing() { local f; for f in "$@"; do [ -f "$f" ] && printf '%s\n' "$f"; done; }
+if [ -n "${TEST_FILES:-}" ]; then  # an explicit selection: one run over it, no split
   read -r -a FILES <<<"$TEST_FILES"
+  TEST_RUNS=("tests|||${FILES[*]}")
 else
-  FILES=()
-  for f in tests/test_kernel*.py tests/test_frontend*.py tests/test_cuda_backend.py tests/test_transformers*.py; do
-    [ -f "$f" ] && FILES+=("$f")
-  done
+  TEST_RUNS=("tests-triton|not cuda|90|$(existing tests/test_kernel.py tests/test_frontend.py tests/test_dispatch.py \
+                tests/test_transformers*.py | tr '\n' ' ')"
+             "tests-cuda|cuda|60|$(existing tests/test_cuda_backend.py tests/test_kernel.py | tr '\n' ' ')")
 fi
-read -r -a PYTEST_EXTRA <<<"${PYTEST_ARGS:--q -x}"
-if [ ${#FILES[@]} = 0 ]; then
-  skip tests "no kernel/front-end test files yet"
-elif [ "$DRY" = 1 ]; then
-  stage tests 120 150 30 "$OUT/tests.log" "$PY" -m pytest --collect-only -q -p no:cacheprovider "${FILES[@]}"
+# name|-k expression|per-test timeout|files -> WANT RESERVE MIN of the stage (dry run: collection only)
+test_run() {
+  local name kexpr per_test files want reserve
+  IFS='|' read -r name kexpr per_test files <<<"$1"; want=$2; reserve=$3
+  read -r -a files <<<"$files"
+  local sel=(); [ -n "$kexpr" ] && sel=(-k "$kexpr")
+  if [ ${#files[@]} = 0 ]; then
+    skip "$name" "no test files for it in this tree"
+  elif [ "$DRY" = 1 ]; then
+    stage "$name" 60 "$reserve" 20 "$OUT/tests.log" "$PY" -m pytest --collect-only -q -p no:cacheprovider \
+      "${sel[@]}" "${files[@]}"
+  else
+    local args=("${PYTEST_EXTRA[@]}" -p no:cacheprovider -rfEs "${sel[@]}")
+    "$PY" -c "import xdist" 2>/dev/null && args+=(-n 8)
+    "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout "${per_test:-90}")
+    stage "$name" "$want" "$reserve" 30 "$OUT/tests.log" "$PY" -m pytest "${args[@]}" "${files[@]}"
+  fi
+}
+if [ ${#TEST_RUNS[@]} = 1 ]; then
+  test_run "${TEST_RUNS[0]}" 260 150
 else
-  ARGS=("${PYTEST_EXTRA[@]}" -p no:cacheprovider -rfEs)
-  "$PY" -c "import xdist" 2>/dev/null && ARGS+=(-n 8)
-  "$PY" -c "import pytest_timeout" 2>/dev/null && ARGS+=(--timeout 120)
-  stage tests 170 200 30 "$OUT/tests.log" "$PY" -m pytest "${ARGS[@]}" "${FILES[@]}"
+  test_run "${TEST_RUNS[0]}" 220 150   # reserve: tests-cuda, bench, flex, sweep, model, hfmodel, report
+  test_run "${TEST_RUNS[1]}" 45 125
 fi
-tail -n 3 "$OUT/tests.log" 2>/dev/null | sed 's/^/  /'
+
+# section NAME: the lines tests.log holds for the pytest run NAME (each run starts "===== NAME (").
+section() { awk -v h="===== $1 (" 'index($0, h) == 1 {on = 1; next} /^===== / {on = 0} on' "$OUT/tests.log" 2>/dev/null; }
+# test_outcome NAME: pytest's closing line (or how far it got), then every test that failed or
+# errored, once, from the per-test lines (-v, with or without xdist) and the closing summary,
+# and any xdist worker that crashed under a test.
+test_outcome() {
+  local text last
+  text=$(section "$1")
+  [ -n "$text" ] || return 0
+  last=$(grep -E '^=+ .*(passed|failed|error|skipped|deselected|no tests ran|collected).* =+$|tests? collected' <<<"$text" | tail -n 1)
+  [ -n "$last" ] || last="no closing line (cut short): $(grep -cE '(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)' <<<"$text") \
+tests reported; the last one named: $(grep -oE '[^ ]+\.py::[^ ]+' <<<"$text" | tail -n 1)"
+  echo "$1: $last"
+  grep -oE '(FAILED|ERROR) [^ ]+\.py(::[^ ]+)?|^[^ ]+\.py::[^ ]+ (FAILED|ERROR)' <<<"$text" \
+    | sed -E 's#^([^ ]+\.py::[^ ]+) (FAILED|ERROR)$#\2 \1#' | sort -u
+  grep -oE "worker '[^']+' crashed while running '[^']+'" <<<"$text" | sort -u
+}
+TEST_OUTCOMES=$(for run in "${TEST_RUNS[@]}"; do test_outcome "${run%%|*}"; done)
+sed 's/^/  /' <<<"$TEST_OUTCOMES" | head -n 30
 
 # ---------------------------------------------------------------- benchmark
 BENCH=(-m benchmarks.attention --csv "$OUT/bench.csv" --run-timestamp "$RUN_TS" --no-plot)
@@ -186,15 +228,15 @@ if [ "$DRY" = 1 ]; then
   stage bench 60 60 30 "$LOG" "$PY" "${BENCH[@]}" --cpu --quick --no-interpreter
   skip flex "dry run (FlexAttention runs on CUDA only)"
 else
-  stage bench 130 120 30 "$LOG" "$PY" "${BENCH[@]}" --grid key --exclude flex
-  stage flex 45 100 20 "$LOG" "$PY" "${BENCH[@]}" --grid key --providers flex
+  stage bench 60 95 30 "$LOG" "$PY" "${BENCH[@]}" --grid key --exclude flex
+  stage flex 45 70 20 "$LOG" "$PY" "${BENCH[@]}" --grid key --providers flex
 fi
 
 # ---------------------------------------------------------------- block-size sweep
 if [ "$DRY" = 1 ]; then
   stage sweep 60 40 20 "$LOG" "$PY" -m benchmarks.sweep --dry-run --csv "$OUT/sweep.csv"
 else
-  stage sweep 80 60 20 "$LOG" "$PY" -m benchmarks.sweep --csv "$OUT/sweep.csv" --jobs 8
+  stage sweep 40 50 15 "$LOG" "$PY" -m benchmarks.sweep --csv "$OUT/sweep.csv" --jobs 8
 fi
 
 # ---------------------------------------------------------------- model
@@ -203,14 +245,14 @@ if [ "$DRY" = 1 ]; then
   stage model 40 20 20 "$LOG" "$PY" "${MODEL[@]}" --tiny
   stage hfmodel 40 10 20 "$LOG" "$PY" "${MODEL[@]}" --tiny --transformers
 else
-  stage model 60 30 20 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192
-  stage hfmodel 50 10 20 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192 --transformers
+  stage model 30 35 15 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192
+  stage hfmodel 45 15 15 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192 --transformers
 fi
 
 # ---------------------------------------------------------------- report (printed last)
 REPORT=$(mktemp)
 trap 'rm -f "$STAGES" "$REPORT"' EXIT
-timeout -k 5 60 "$PY" -m benchmarks.report "$OUT/bench.csv" --sweep "$OUT/sweep.csv" --model "$OUT/model.csv" \
+timeout -k 5 30 "$PY" -m benchmarks.report "$OUT/bench.csv" --sweep "$OUT/sweep.csv" --model "$OUT/model.csv" \
   --png "$OUT/bench.png" --md "$REPORT" >>"$LOG" 2>&1 || record report "FAILED (see check.log)"
 {
   echo "# fastattn GPU check $RUN_TS (total $((SECONDS - T0))s, deadline ${DEADLINE}s, dry run: $DRY)"
@@ -219,6 +261,14 @@ timeout -k 5 60 "$PY" -m benchmarks.report "$OUT/bench.csv" --sweep "$OUT/sweep.
   echo "| --- | --- |"
   cat "$STAGES"
   echo
+  if [ -n "$TEST_OUTCOMES" ]; then
+    echo "tests (full log: tests.log):"
+    echo
+    echo '```'
+    echo "$TEST_OUTCOMES"
+    echo '```'
+    echo
+  fi
   [ -s "$REPORT" ] && tail -n +2 "$REPORT"
 } >"$OUT/summary.md"
 echo

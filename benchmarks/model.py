@@ -126,41 +126,71 @@ class Llama(nn.Module):
 def transformers_measures(shape: Shape, device, dtype, ids, lengths, step_ids, dctx: int):
     """The same measures with Transformers' LlamaForCausalLM (random weights), switching
     ``attn_implementation`` between "sdpa" and "fastattn" on one model; decode uses a
-    StaticCache filled by a prefill, so a repeated step rewrites one slot."""
+    StaticCache of ``dctx + 1`` slots filled by a prefill of ``dctx`` tokens, and every timed
+    step is rewound to position ``dctx`` first, so that it rewrites the one free slot."""
+    import inspect
+
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
     config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
                          num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
                          vocab_size=shape.vocab, rope_theta=shape.rope_theta,
-                         max_position_embeddings=max(ids.shape[1], dctx + 16))
+                         max_position_embeddings=max(ids.shape[1], dctx + 1))
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
     pb, pl = ids.shape
     pad_mask = (torch.arange(pl, device=device)[None, :] < lengths[:, None]).long()
     ones = torch.ones_like(pad_mask)
     db = step_ids.shape[0]
+    # Exactly one free slot, as in our own model's cache: a step that is not rewound fails at
+    # once (on the CPU too) instead of after the 16 spare slots a GPU timing loop runs through.
     try:
-        cache = StaticCache(config=config, max_cache_len=dctx + 16)
+        cache = StaticCache(config=config, max_cache_len=dctx + 1)
     except TypeError:  # transformers 4.x spelling
-        cache = StaticCache(config=config, max_batch_size=db, max_cache_len=dctx + 16, device=device, dtype=dtype)
+        cache = StaticCache(config=config, max_batch_size=db, max_cache_len=dctx + 1, device=device, dtype=dtype)
+    # The cache keyword: `past_key_values` up to 5.2x, `cache` since (the old name warns, then goes).
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
     context = torch.randint(0, shape.vocab, (db, dctx), device=device)
-    step_pos = torch.tensor([dctx], device=device)
     filled = []
+
+    def with_cache(start: int, length: int) -> dict:
+        kwargs = {cache_kw: cache, "position_ids": torch.arange(start, start + length, device=device).expand(db, -1)}
+        if "cache_position" in params:  # 4.x: the write position is an argument
+            kwargs["cache_position"] = torch.arange(start, start + length, device=device)
+        return kwargs
+
+    def rewind(length: int) -> None:
+        # Transformers 5.x StaticCache layers ignore `cache_position`: each update writes at the
+        # layer's own counter (`cumulative_length`) and advances it, so a repeated step would
+        # walk off the end of the cache (the device-side "index_copy_(): index out of bounds"
+        # of the GPU check, transformers 5.17). Set the counter back; one tiny fill per layer,
+        # timed alike for both attentions. 4.x caches have no counter and need nothing.
+        for layer in getattr(cache, "layers", ()):
+            counter = getattr(layer, "cumulative_length", None)
+            if isinstance(counter, torch.Tensor):
+                counter.fill_(length)
+            elif isinstance(counter, int):
+                layer.cumulative_length = length
 
     def setup(impl):
         model.set_attn_implementation(impl)
         if not filled:
             with torch.no_grad():
-                model(context, past_key_values=cache, cache_position=torch.arange(dctx, device=device),
-                      logits_to_keep=1)
+                model(context, **with_cache(0, dctx), logits_to_keep=1)
             filled.append(True)
+
+    step = with_cache(dctx, 1)
+
+    def decode():
+        rewind(dctx)
+        return model(step_ids, **step, logits_to_keep=1)
 
     def measures(impl):
         return {
             "prefill": (lambda: model(ids, attention_mask=ones, logits_to_keep=1), pb, pl, 0, pb * pl),
             "prefill padded": (lambda: model(ids, attention_mask=pad_mask, logits_to_keep=1), pb, pl, 0,
                                int(lengths.sum())),
-            "decode": (lambda: model(step_ids, past_key_values=cache, cache_position=step_pos, logits_to_keep=1),
-                       db, 1, dctx, db),
+            "decode": (decode, db, 1, dctx, db),
         }
     return setup, measures
 
@@ -209,9 +239,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.model", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--prefill", type=pair, default=(4, 2048), help="BATCHxSEQLEN of the prefill")
-    parser.add_argument("--decode", type=pair, default=(16, 4096), help="BATCHxCONTEXT of one decode step")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU dry run)")
+    parser.add_argument("--prefill", type=pair, help="BATCHxSEQLEN of the prefill (default 4x2048; tiny: 2x128)")
+    parser.add_argument("--decode", type=pair, help="BATCHxCONTEXT of one decode step (default 16x4096; tiny: 2x256)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny model (CPU dry run); sizes given with --prefill/--decode are kept")
     parser.add_argument("--transformers", action="store_true",
                         help="Transformers' LlamaForCausalLM with attn_implementation sdpa vs fastattn")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "model.csv")
@@ -221,7 +252,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny or device.type == "cpu"
     shape = TINY if tiny else Shape(layers=args.layers)
-    (pb, pl), (db, dctx) = ((2, 128), (2, 256)) if tiny else (args.prefill, args.decode)
+    pb, pl = args.prefill or ((2, 128) if tiny else (4, 2048))
+    db, dctx = args.decode or ((2, 256) if tiny else (16, 4096))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     info = run_info(device)
@@ -293,7 +325,8 @@ def main(argv=None) -> int:
                   f"{r['peak_mem_mb']:9.0f} {r.get('speed_vs_sdpa', math.nan):7.2f}x")
         else:
             print(f"{r['measure']:15} {r['attention']:9} error: {r['reason'][:100]}")
-    return 0
+    # Any measure that could not run is a failure of the run (the GPU check's stage shows it).
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 
 if __name__ == "__main__":

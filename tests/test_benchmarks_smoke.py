@@ -59,3 +59,36 @@ def test_table_shows_why_a_provider_could_not_run():
 def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_transformers_model_decode_repeats_one_step(tmp_path):
+    # The GPU times one decode step hundreds of times on a StaticCache with one free slot: each
+    # call must rewrite that slot (Transformers 5.x caches advance their own write position).
+    pytest.importorskip("transformers")
+    import torch
+
+    from benchmarks.model import COLUMNS as MODEL_COLUMNS, TINY, main, transformers_measures
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, TINY.vocab, (2, 32))
+    step_ids = torch.randint(0, TINY.vocab, (2, 1))
+    setup, measures_of = transformers_measures(TINY, torch.device("cpu"), torch.float32, ids, torch.tensor([16, 24]),
+                                               step_ids, dctx=40)
+    for impl in ("sdpa", "fastattn"):
+        setup(impl)
+        decode = measures_of(impl)["decode"][0]
+        with torch.no_grad():
+            logits = [decode().logits for _ in range(20)]
+        assert all(torch.equal(x, logits[0]) for x in logits), impl
+
+    # The command the GPU check runs, at a decode context longer than the prefill.
+    csv_path = tmp_path / "model.csv"
+    assert main(["--tiny", "--transformers", "--prefill", "2x32", "--decode", "2x48", "--csv", str(csv_path)]) == 0
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == MODEL_COLUMNS
+        rows = list(reader)
+    assert [(r["attention"], r["measure"]) for r in rows] == [
+        (a, m) for a in ("sdpa", "fastattn") for m in ("prefill", "prefill padded", "decode")]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert {r["context"] for r in rows if r["measure"] == "decode"} == {"48"}
