@@ -54,7 +54,8 @@ class Case:
     def label(self) -> str:
         heads = f"h{self.heads_q}" + (f"/{self.heads_kv}" if self.gqa else "")
         if self.decode:
-            return f"{self.dtype} d{self.head_dim} {heads} B{self.batch} KV{_k(self.seqlen_k)} decode"
+            pad = " pad50%" if self.padded else ""
+            return f"{self.dtype} d{self.head_dim} {heads} B{self.batch} KV{_k(self.seqlen_k)} decode{pad}"
         parts = [self.dtype, f"d{self.head_dim}", heads, f"B{self.batch}", f"L{_k(self.seqlen_q)}"]
         if self.seqlen_k != self.seqlen_q:
             parts.append(f"S{_k(self.seqlen_k)}")
@@ -120,11 +121,13 @@ def decode(mode: str = "fwd") -> list[Case]:
 
 
 def key(mode: str = "fwd") -> list[Case]:
-    """The short list the GPU check runs: hd128 bf16 at 2k/8k both ways, GQA, one long decode."""
+    """The short list the GPU check runs: hd128 bf16 at 2k/8k both ways, GQA, one long decode,
+    and the same decode with a key-padding mask (batched generation: the Triton kernel's case)."""
     cases = [Case("key", "bf16", TOKENS // L, 16, 16, L, L, 128, causal, mode=mode)
              for causal in (False, True) for L in (2048, 8192)]
     cases.append(Case("key", "bf16", TOKENS // 4096, 32, 8, 4096, 4096, 128, True, mode=mode))
     cases.append(Case("key", "bf16", 8, 32, 8, 1, 65536, 128, layout="bhsd"))
+    cases.append(Case("key", "bf16", 8, 32, 8, 1, 65536, 128, False, True, layout="bhsd"))
     return cases
 
 
