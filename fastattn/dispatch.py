@@ -55,12 +55,14 @@ def priority(features: Features) -> list[str]:
 
     Measured (benchmarks/results/, H100, torch 2.11, triton 3.6, bf16 hd128): on
     calls that torch's fused kernels take as they are, torch SDPA (cuDNN) ran at
-    583-614 TFLOP/s against 434-460 for our Triton kernel, and decode with 64k keys
-    at 99% of copy bandwidth against 59%. So on Hopper (sm_90+) such plain calls go
+    482-605 TFLOP/s against 349-484 for our Triton kernel; decode with 64k keys at
+    101% of copy bandwidth against 98%. So on Hopper (sm_90+) such plain calls go
     to ``sdpa`` first; everything else (masks read in-kernel, windows, softcap,
     ALiBi, sinks, bottom-right causal with L != S, the log-sum-exp) goes to ``triton``,
-    which torch would run on slower paths or not at all. Older GPUs are not measured
-    yet: ``triton`` first there.
+    which torch would run on slower paths or not at all. (Decode with a key-padding
+    mask measured 95% for triton against 99% for torch: a candidate for this rule
+    once prefill with padding is measured too.) Older GPUs are not measured yet:
+    ``triton`` first there.
 
     ``cuda`` (the CUDA C++ kernel) comes after ``triton``: measured at 76-93 TFLOP/s
     and 42% of copy bandwidth for decode, it serves installs without Triton.
