@@ -10,9 +10,10 @@ The contract, one line per case:
   reason in ``fastattn.explain`` and ``python -m fastattn``.
 - Where the library comes from, first hit wins: the ahead-of-time build
   (``FASTATTN_BUILD_CUDA=1 pip install -e .`` puts ``fastattn/_C*.so`` next to this
-  file), then the JIT cache, then -- only in a process that sees a CUDA device -- a JIT
-  build into the cache (minutes; a message says so). ``FASTATTN_CUDA_JIT=0`` turns the
-  JIT build off.
+  file), then the JIT cache, then -- only in a process that sees a CUDA device, and
+  only when the cuda backend is asked for (``load(build=True)``: forcing the backend,
+  ``python -m fastattn build``) -- a JIT build into the cache (minutes; a message says
+  so). Choosing a backend never builds. ``FASTATTN_CUDA_JIT=0`` turns the JIT build off.
 - The JIT cache lives in ``$FASTATTN_CACHE_DIR`` (default ``~/.cache/fastattn``), one
   directory per (fastattn version, torch version, CUDA version, architectures, head dims,
   hash of csrc/), built under a file lock so concurrent processes build it once. A failed
@@ -65,6 +66,7 @@ class ExtensionStatus:
     reason: Optional[str] = None  # why not, when not loaded
     path: Optional[str] = None  # the shared library that was loaded
     head_dims: tuple[int, ...] = field(default=())  # compiled head dims, when loaded
+    buildable: bool = False  # not loaded only because nothing asked for a build yet
 
 
 # --------------------------------------------------------------------------- what to compile
@@ -344,6 +346,9 @@ def reset() -> None:
     global _status
     with _lock:
         _status = None
+    from . import dispatch  # its cached decisions quote the old status
+
+    dispatch.clear_cache()
 
 
 def _aot_library() -> Optional[Path]:
@@ -372,7 +377,7 @@ def _loaded_status(path: Optional[Path]) -> ExtensionStatus:
     return ExtensionStatus(True, None, str(path) if path else None, dims)
 
 
-def _try_load() -> ExtensionStatus:
+def _try_load(build_if_missing: bool) -> ExtensionStatus:
     import torch
 
     if torch.version.cuda is None:
@@ -401,18 +406,24 @@ def _try_load() -> ExtensionStatus:
     if os.environ.get(ENV_JIT, "1").strip().lower() in ("0", "false", "no"):
         return ExtensionStatus(False, f"the CUDA extension is not built and {ENV_JIT}=0 forbids building it "
                                       "on first use; run `python -m fastattn build`")
+    if not build_if_missing:
+        # Choosing a backend must never stall for minutes: the build happens when the
+        # cuda backend is asked for (use_backend("cuda"), FASTATTN_BACKEND=cuda) or ahead of time.
+        return ExtensionStatus(False, "the CUDA extension is not built yet: `python -m fastattn build` builds it "
+                                      "(minutes), as does forcing the backend (use_backend('cuda'))", buildable=True)
     lib = build(archs, head_dims)
     return _loaded_status(lib)
 
 
-def load() -> ExtensionStatus:
-    """Load (building on first use if needed) the extension; never raises."""
+def load(build: bool = False) -> ExtensionStatus:
+    """Load the extension (an ahead-of-time or cached build); with ``build=True`` also
+    compile it when there is none yet (minutes, with a message). Never raises."""
     global _status
     with _lock:
-        if _status is None:
+        if _status is None or (build and _status.buildable):
             level = logging.WARNING  # a build or load that went wrong on a CUDA machine
             try:
-                _status = _try_load()
+                _status = _try_load(build)
                 level = logging.INFO  # no GPU, CPU-only torch, JIT switched off: nothing went wrong
             except BuildError as exc:
                 _status = ExtensionStatus(False, str(exc))

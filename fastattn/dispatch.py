@@ -30,6 +30,11 @@ _REGISTRY: dict[str, Backend] = {}
 
 def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
+    clear_cache()
+
+
+def clear_cache() -> None:
+    """Forget cached decisions (after a backend's availability changed)."""
     _decide.cache_clear()
 
 
@@ -95,10 +100,18 @@ def use_backend(name: str) -> Iterator[None]:
     listing every backend's reasons; it never falls back silently.
     """
     token = _forced.set(_check_name(name, "use_backend"))
+    if name != "auto":
+        _prepare(name)
     try:
         yield
     finally:
         _forced.reset(token)
+
+
+def _prepare(name: str) -> None:
+    """A forced backend may get ready first (the cuda backend builds its extension)."""
+    if _REGISTRY[name].prepare():
+        clear_cache()
 
 
 def forced_backend() -> Optional[str]:
@@ -219,7 +232,10 @@ register_backend(SDPABackend())
 
 
 def explain_call(call: AttentionCall) -> Explanation:
-    return _decide(call.features, forced_backend(), _strict(), torch_restriction(), interpreting())
+    forced = forced_backend()
+    if forced is not None and _forced.get() is None:  # forced by FASTATTN_BACKEND
+        _prepare(forced)
+    return _decide(call.features, forced, _strict(), torch_restriction(), interpreting())
 
 
 def select(call: AttentionCall) -> Backend:

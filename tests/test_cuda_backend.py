@@ -128,7 +128,7 @@ def test_no_gpu_in_this_process_is_a_reason(monkeypatch):
 
 def test_missing_nvcc_is_a_reason(fresh_extension, monkeypatch):
     monkeypatch.setattr(_extension, "find_cuda_home", lambda: (None, ["/usr/local/cuda", "/opt/nothing"]))
-    status = _extension.load()
+    status = _extension.load(build=True)
     assert not status.loaded
     assert status.reason.startswith("nvcc not found") and "/opt/nothing" in status.reason
     assert CudaBackend().availability() == [f"the CUDA extension is not available: {status.reason}"]
@@ -146,14 +146,14 @@ def test_compile_error_is_a_reason_logged_once_and_cached(fresh_extension, monke
     monkeypatch.setattr(_extension, "_has_ninja", lambda: True)
     monkeypatch.setattr(_extension, "_compile", broken_compile)
     with caplog.at_level(logging.INFO, logger="fastattn"):
-        first = _extension.load()
-        again = _extension.load()
+        first = _extension.load(build=True)
+        again = _extension.load(build=True)
     assert not first.loaded and first is again and calls == [("9.0",)]
     assert "building the CUDA extension failed" in first.reason and "error: boom" in first.reason
     assert sum("error: boom" in r.getMessage() for r in caplog.records) == 1
     # Another process finds the recorded failure and does not compile again.
     _extension.reset()
-    cached = _extension.load()
+    cached = _extension.load(build=True)
     assert calls == [("9.0",)] and "(cached; `python -m fastattn build` retries)" in cached.reason
 
 
@@ -175,8 +175,24 @@ def test_explain_shows_the_cuda_reason(fresh_extension, monkeypatch):
     monkeypatch.setattr(_device, "capability", lambda index: (9, 0))
     explanation = dispatch._decide(GOOD, None, False, (), False)
     assert explanation.chosen != "cuda"
-    assert any("nvcc not found" in r for r in explanation.reasons("cuda"))
+    assert any("not built yet" in r and "python -m fastattn build" in r for r in explanation.reasons("cuda"))
     assert "cuda: cannot run" in str(explanation)
+
+
+def test_choosing_a_backend_never_builds(fresh_extension, monkeypatch):
+    """A build takes minutes: dispatch only loads what exists; forcing the backend builds."""
+    builds = []
+    monkeypatch.setattr(_extension, "build", lambda *a, **k: builds.append(a) or (_ for _ in ()).throw(
+        _extension.BuildError("nvcc not found (test)")))
+    monkeypatch.setattr(_extension, "_aot_library", lambda: None)
+    monkeypatch.setattr(_extension, "_op_loaded", lambda: False)
+    monkeypatch.setattr(_extension, "build_dir", lambda archs, dims: Path("/nonexistent/fastattn-test"))
+    monkeypatch.setattr(_extension, "visible_archs", lambda: ("9.0",))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert not _extension.load().loaded and not builds
+    assert not CudaBackend().prepare() and len(builds) == 1  # forcing builds (here: fails, a reason)
+    assert "nvcc not found (test)" in _extension.load().reason and len(builds) == 1
 
 
 def test_build_settings_are_validated():
@@ -236,7 +252,7 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
 
 
 def _require_extension():
-    status = _extension.load()
+    status = _extension.load(build=True)
     if not status.loaded:
         pytest.fail(f"the CUDA extension did not load on a GPU machine: {status.reason}")
 

@@ -30,6 +30,11 @@ class Backend:
         (``+inf`` on rows with no key to attend to)."""
         raise NotImplementedError
 
+    def prepare(self) -> bool:
+        """Get ready to run when forced (e.g. build compiled code); True if that changed
+        what :meth:`availability` says. Never called while choosing a backend."""
+        return False
+
     def availability(self) -> list[str]:
         """Reasons this backend cannot run anything in this process (empty = available)."""
         return []

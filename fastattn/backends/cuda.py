@@ -55,6 +55,10 @@ class CudaBackend(Backend):
                    "softcap, split-KV decode")
     dtypes = HALF_DTYPES
 
+    def prepare(self) -> bool:
+        before = _extension.load()
+        return not before.loaded and _extension.load(build=True).loaded
+
     def availability(self) -> list[str]:
         status = _extension.load()
         return [] if status.loaded else [f"the CUDA extension is not available: {status.reason}"]
