@@ -128,7 +128,7 @@ class AttentionCall:
             mask_dtype=None if self.mask is None else self.mask.dtype,
             dropout=self.dropout_p > 0,
             needs_grad=torch.is_grad_enabled()
-            and any(t.requires_grad for t in (q, k, v, self.mask) if t is not None),
+            and any(t.requires_grad for t in (q, k, v, self.mask, self.alibi_slopes, self.sinks) if t is not None),
             last_dim_contiguous=all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in (q, k, v)),
             want_lse=self.want_lse,
         )

@@ -243,3 +243,13 @@ def test_call_features_are_hashable_and_describe_the_call():
     call, lead = from_sdpa_args(q, k, v, is_causal=True)
     hash(call.features)
     assert call.features.causal and lead == (1, 2)
+
+
+def test_grad_through_alibi_slopes_is_a_reason():
+    """A forward-only kernel must not silently cut gradients flowing to ALiBi slopes."""
+    q = torch.randn(1, 8, 2, 16, device=DEVICE, dtype=torch.float16)
+    slopes = torch.rand(2, device=DEVICE, requires_grad=True)
+    report = fastattn.explain_flash(q, q, q, alibi_slopes=slopes)
+    assert report.chosen == "sdpa" and any("grad" in r for r in report.reasons("triton"))
+    fastattn.flash_attn_func(q, q, q, alibi_slopes=slopes).float().sum().backward()
+    assert slopes.grad is not None

@@ -45,12 +45,12 @@ def _block_update(
     cols = start_n + offs_n
     # K is read transposed: a (BLOCK_D, BLOCK_N) tile.
     if CHECK_BOUNDS:
-        k = tl.load(K_ptrs + start_n * stride_kn,
+        k = tl.load(K_ptrs + tl.cast(start_n, tl.int64) * stride_kn,
                     mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
     elif BLOCK_D != HEAD_DIM:
-        k = tl.load(K_ptrs + start_n * stride_kn, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        k = tl.load(K_ptrs + tl.cast(start_n, tl.int64) * stride_kn, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     else:
-        k = tl.load(K_ptrs + start_n * stride_kn)
+        k = tl.load(K_ptrs + tl.cast(start_n, tl.int64) * stride_kn)
     if UPCAST:
         qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
     else:
@@ -67,7 +67,7 @@ def _block_update(
     if MASK_KIND != 0:
         in_bounds = row_valid[:, None] & (cols[None, :] < seqlen_k)
     if MASK_KIND == 2:
-        bias = tl.load(M_ptrs + start_n * stride_mn, mask=in_bounds, other=0.0)
+        bias = tl.load(M_ptrs + tl.cast(start_n, tl.int64) * stride_mn, mask=in_bounds, other=0.0)
         # Masks filled with finfo(float32).min would overflow to -inf in log2 units,
         # turning "very unlikely" (torch still normalizes such a row) into "masked":
         # clamp finite values, keep -inf.
@@ -83,7 +83,7 @@ def _block_update(
             keep = keep & (rel >= -window_left)
         qk = tl.where(keep, qk, float("-inf"))
     if MASK_KIND == 1:
-        allowed = tl.load(M_ptrs + start_n * stride_mn, mask=in_bounds, other=0)
+        allowed = tl.load(M_ptrs + tl.cast(start_n, tl.int64) * stride_mn, mask=in_bounds, other=0)
         qk = tl.where(allowed != 0, qk, float("-inf"))
 
     # Online softmax; rows that have seen no visible key keep m = -inf and contribute nothing.
@@ -95,12 +95,12 @@ def _block_update(
     acc = acc * alpha[:, None]
 
     if CHECK_BOUNDS:
-        v = tl.load(V_ptrs + start_n * stride_vn,
+        v = tl.load(V_ptrs + tl.cast(start_n, tl.int64) * stride_vn,
                     mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     elif BLOCK_DV != HEAD_DIM_V:
-        v = tl.load(V_ptrs + start_n * stride_vn, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        v = tl.load(V_ptrs + tl.cast(start_n, tl.int64) * stride_vn, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
     else:
-        v = tl.load(V_ptrs + start_n * stride_vn)
+        v = tl.load(V_ptrs + tl.cast(start_n, tl.int64) * stride_vn)
     if UPCAST:
         # Round P to the input dtype as the tensor-core path does, then multiply in fp32.
         acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -163,7 +163,7 @@ def _flash_fwd_kernel(
     row_pos = tl.where(row_valid, row_pos, 0)
 
     q_ptrs = Q + off_b.to(tl.int64) * stride_qb \
-        + (row_head.to(tl.int64) * stride_qh + row_pos * stride_qm)[:, None] + offs_d[None, :] * stride_qd
+        + (row_head.to(tl.int64) * stride_qh + row_pos.to(tl.int64) * stride_qm)[:, None] + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     K_ptrs = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh \
         + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
@@ -172,7 +172,7 @@ def _flash_fwd_kernel(
     M_ptrs = Mask
     if MASK_KIND != 0:
         M_ptrs = Mask + off_b.to(tl.int64) * stride_mb \
-            + (row_head.to(tl.int64) * stride_mh + row_pos * stride_mm)[:, None] + offs_n[None, :] * stride_mn
+            + (row_head.to(tl.int64) * stride_mh + row_pos.to(tl.int64) * stride_mm)[:, None] + offs_n[None, :] * stride_mn
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_b * stride_sb + row_head * stride_sh).to(tl.float32) * 1.4426950408889634
@@ -253,7 +253,7 @@ def _flash_fwd_kernel(
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
 
     o_ptrs = Out + off_b.to(tl.int64) * stride_ob \
-        + (row_head.to(tl.int64) * stride_oh + row_pos * stride_om)[:, None] + offs_dv[None, :] * stride_od
+        + (row_head.to(tl.int64) * stride_oh + row_pos.to(tl.int64) * stride_om)[:, None] + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_ptrs = Lse + off_b.to(tl.int64) * stride_lb + row_head.to(tl.int64) * stride_lh + row_pos
     tl.store(l_ptrs, lse, mask=row_valid)
