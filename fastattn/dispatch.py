@@ -48,10 +48,8 @@ def torch_fused_fits(f: Features) -> bool:
     """True when torch's own fused SDPA kernels (cuDNN, flash) run the call as it is:
     CUDA fp16/bf16, no mask, no window beyond causal, no softcap/ALiBi/sinks, the
     causal mask top-left (or L == S, where the alignments coincide), E == Ev."""
-    return (f.device_type == "cuda" and f.dtype in HALF_DTYPES and f.mask_dtype is None
-            and f.window in ((-1, -1), (-1, 0)) and not (f.has_softcap or f.has_alibi or f.has_sinks)
-            and not f.want_lse and not f.dropout and not f.empty
-            and (not f.causal or not f.lower_right or f.equal_lengths)
+    return (f.device_type == "cuda" and f.dtype in HALF_DTYPES and f.mask_dtype is None and f.positions_fit_torch
+            and not (f.has_softcap or f.has_alibi or f.has_sinks or f.want_lse or f.dropout or f.empty)
             and f.head_dim == f.head_dim_v and f.head_dim % 8 == 0 and f.head_dim <= 256)
 
 
@@ -186,8 +184,8 @@ def _verdicts(features: Features, forced: Optional[str], restriction: tuple[str,
         reasons = list(_REGISTRY[name].not_supported_reasons(features))
         if restriction and name != "sdpa" and forced is None:
             reasons.append(
-                f"torch.nn.attention.sdpa_kernel is active (disabled: {', '.join(restriction)}); "
-                "fastattn leaves the choice to torch's SDPA inside it"
+                f"torch's SDPA backends {', '.join(restriction)} are switched off (torch.nn.attention.sdpa_kernel "
+                "or torch.backends.cuda.enable_*_sdp): fastattn leaves the choice to torch's SDPA"
             )
         out.append((name, tuple(reasons)))
     return tuple(out)

@@ -53,6 +53,12 @@ class Features:
     last_dim_contiguous: bool
     want_lse: bool
 
+    @property
+    def positions_fit_torch(self) -> bool:
+        """No positional restriction, or a causal one that torch's ``is_causal`` (top-left)
+        expresses: the alignments coincide when L == S."""
+        return self.window == (-1, -1) or (self.window == (-1, 0) and (not self.lower_right or self.equal_lengths))
+
 
 @dataclass(frozen=True, eq=False)
 class AttentionCall:

@@ -93,8 +93,8 @@ class SDPABackend(Backend):
             return math_attention(call)
         # torch's is_causal is top-left and refuses an explicit mask beside it; anything
         # else causal goes into the mask.
-        top_left = not call.lower_right or call.seqlen_q == call.seqlen_k
-        plain_causal = (call.causal and call.mask is None and top_left and call.key_bounds == (-1, 0)
+        f = call.features
+        plain_causal = (f.positions_fit_torch and f.window == (-1, 0) and call.mask is None
                         and call.alibi_slopes is None)
         mask = call.mask
         if not plain_causal:
