@@ -73,8 +73,8 @@ def test_half_inputs_choose_plain_auto():
     ((9, 0), {"mask_dtype": torch.bool}, "triton"),
     ((9, 0), {"window": (16, 0)}, "triton"),
     ((9, 0), {"has_softcap": True}, "triton"),
-    ((9, 0), {"causal": True, "lower_right": True, "equal_lengths": False}, "triton"),
-    ((9, 0), {"causal": True, "lower_right": True, "equal_lengths": True}, "sdpa"),
+    ((9, 0), {"causal": True, "window": (-1, 0), "lower_right": True, "equal_lengths": False}, "triton"),
+    ((9, 0), {"causal": True, "window": (-1, 0), "lower_right": True, "equal_lengths": True}, "sdpa"),
     ((9, 0), {"window": (-1, 0), "lower_right": True, "equal_lengths": False}, "triton"),  # flash-attn window, L != S
 ])
 def test_priority_rule_on_gpus(monkeypatch, capability, extra, first):
