@@ -11,6 +11,7 @@ backend sees the call.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
@@ -164,7 +165,7 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple) -> None:
 
 
 def _check_dropout(dropout_p) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
         raise InvalidInputError(f"dropout_p must be in [0, 1], got {dropout_p}")
@@ -174,7 +175,7 @@ def _check_dropout(dropout_p) -> float:
 def _check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise InvalidInputError(f"scale must be finite, got {scale}")
@@ -272,7 +273,8 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         lead = batch + (hq,)
         kv_lead = batch + (hk,)
     else:
-        if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3] and key.shape[-3] != 1:
+        if (query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]
+                and 1 not in (query.shape[-3], key.shape[-3])):  # size-1 heads broadcast, as in torch
             _check_heads(query.shape[-3], key.shape[-3], value.shape[-3], gqa_allowed=False,
                          hint="pass enable_gqa=True for grouped-query attention")
         lead = _broadcast([query.shape[:-2], key.shape[:-2], value.shape[:-2]], "the batch/head dims of query, key and value")

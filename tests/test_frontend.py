@@ -199,3 +199,11 @@ def test_validation_errors_are_also_runtime_errors():
     """Code that caught torch's RuntimeError keeps working after switching to fastattn."""
     with pytest.raises(RuntimeError):
         fastattn.scaled_dot_product_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 4))
+
+
+def test_query_heads_broadcast_and_numpy_scalars_like_torch():
+    import numpy as np
+
+    q, k, v = torch.randn(3, 1, 5, 8), torch.randn(3, 4, 7, 8), torch.randn(3, 4, 7, 8)
+    got = fastattn.scaled_dot_product_attention(q, k, v, scale=np.float32(0.3), dropout_p=np.float64(0.0))
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=1e-6, rtol=1e-5)
