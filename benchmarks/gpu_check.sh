@@ -154,7 +154,7 @@ if torch.cuda.is_available():
     print(f"gpu {p.name}  sm_{p.major}{p.minor}  {p.total_memory / 2**30:.0f} GiB  {p.multi_processor_count} SMs")
 import fastattn
 print(f"fastattn {fastattn.__version__} from {fastattn.__file__}")
-for name, backend in fastattn.backends().items():
+for name, backend in fastattn.registered_backends().items():
     print(f"  backend {name}: {'; '.join(backend.availability()) or 'available'}")
 EOF
 grep -E "^(python|gpu|fastattn|  backend)" "$OUT/env.txt" | sed 's/^/  /'

@@ -233,7 +233,7 @@ class FlashAttn(Provider):
 
 def gpu_providers(names: Optional[list[str]] = None) -> tuple[list[Provider], list[str]]:
     """Every provider for a CUDA run (filtered to ``names`` if given), and notes on the ones left out."""
-    found: list[Provider] = [Fastattn(name) for name in fastattn.backends()] + [Fastattn()]
+    found: list[Provider] = [Fastattn(name) for name in fastattn.registered_backends()] + [Fastattn()]
     found += [TorchSDPA(b) for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")]
     found += [TorchSDPA(), Flex()]
     notes = []

@@ -9,7 +9,7 @@ Transformers: ``from_pretrained(..., attn_implementation="fastattn")`` (register
 ``import fastattn``), or ``fastattn.patch()`` / ``import fastattn.auto`` for every model
 using "sdpa"; ``fastattn.check(model, inputs)`` compares against Transformers' attention.
 """
-from .dispatch import UnsupportedError, backends, use_backend
+from .dispatch import UnsupportedError, registered_backends, use_backend
 from .functional import explain, explain_flash, flash_attn_func, scaled_dot_product_attention
 from .inputs import InvalidInputError
 
@@ -62,7 +62,7 @@ __all__ = [
     "explain",
     "explain_flash",
     "use_backend",
-    "backends",
+    "registered_backends",
     "UnsupportedError",
     "InvalidInputError",
     "patch",

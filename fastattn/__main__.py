@@ -108,11 +108,11 @@ def _who_serves(device: str) -> list[str]:
 
 
 def report_main(argv=None) -> int:
-    from . import backends
+    from . import registered_backends
 
     print("\n".join(_environment()))
     print("\nbackends (priority order):")
-    for name, backend in backends().items():
+    for name, backend in registered_backends().items():
         problems = backend.availability()
         print(f"  {name}: {'available' if not problems else 'unavailable'} - {backend.description}")
         for p in problems:

@@ -18,7 +18,7 @@ from .backends.sdpa import SDPABackend
 from .backends.triton import TritonBackend
 from .inputs import HALF_DTYPES, AttentionCall, Features
 
-__all__ = ["UnsupportedError", "Explanation", "use_backend", "select", "explain_call", "backends", "register_backend"]
+__all__ = ["UnsupportedError", "Explanation", "use_backend", "select", "explain_call", "registered_backends", "register_backend"]
 
 
 class UnsupportedError(RuntimeError):
@@ -38,7 +38,7 @@ def clear_cache() -> None:
     _decide.cache_clear()
 
 
-def backends() -> dict[str, Backend]:
+def registered_backends() -> dict[str, Backend]:
     """The registered backends by name."""
     return dict(_REGISTRY)
 

@@ -31,7 +31,7 @@ def test_explain_lists_every_backend_and_the_choice():
     q, k, v = (t.float() for t in half_inputs())
     report = fastattn.explain(q, k, v)
     text = str(report)
-    for name in fastattn.backends():
+    for name in fastattn.registered_backends():
         assert name in text
     assert report.chosen == "sdpa"
     assert any("float32" in r for r in report.reasons("triton"))
@@ -132,7 +132,7 @@ def test_forced_backend_that_cannot_run_lists_every_reason():
             fastattn.scaled_dot_product_attention(q, k, v)
     message = str(info.value)
     assert "'triton' was forced" in message and "float32" in message and "head_dim=320" in message
-    for name in fastattn.backends():
+    for name in fastattn.registered_backends():
         assert name in message
     assert isinstance(info.value, RuntimeError)
 

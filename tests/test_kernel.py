@@ -16,11 +16,11 @@ from fastattn.testing import assert_close_by_rule, reference_attention
 from .conftest import DEVICE
 
 DTYPES = [torch.float16, torch.bfloat16]
-KERNEL_BACKENDS = [name for name in fastattn.backends() if name != "sdpa"] + ["sdpa"]
+KERNEL_BACKENDS = [name for name in fastattn.registered_backends() if name != "sdpa"] + ["sdpa"]
 
 
 def run_backend(name, call):
-    backend = fastattn.backends()[name]
+    backend = fastattn.registered_backends()[name]
     reasons = backend.not_supported_reasons(call.features)
     if reasons:
         if name == "triton":  # the main kernel must run every case of this grid
