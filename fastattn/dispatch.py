@@ -160,7 +160,7 @@ class Explanation:
                 + (f", head_dim_v={f.head_dim_v}" if f.head_dim_v != f.head_dim else "")
                 + f", heads q/kv={f.num_heads_q}/{f.num_heads_kv}"
                 + (f", causal ({'bottom-right' if f.lower_right else 'top-left'})" if f.causal else "")
-                + (f", window={f.window}" if f.window != (-1, -1) and not f.causal else "")
+                + (f", key bounds (left, right)={f.window}" if f.window not in ((-1, -1), (-1, 0)) else "")
                 + (f", mask={f.mask_dtype}" if f.mask_dtype is not None else "")
             )
         if self.note:

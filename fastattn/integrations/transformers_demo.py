@@ -124,9 +124,12 @@ def demo_main(argv=None) -> int:
         groups.setdefault((r.backend, r.why_not_triton), []).append(r.module)
     for (backend, why), modules in groups.items():
         print(f"  {backend}: {', '.join(modules)}")
-        if backend != "triton":
+        if backend != "triton" and why:
             print("    fallback chosen because the triton kernel cannot run these calls:")
             print("".join(f"      - {reason}\n" for reason in why), end="")
+        elif backend != "triton":
+            print("    the triton kernel could run these calls; the dispatcher put torch's SDPA first "
+                  "(measured faster for such calls on this GPU: see fastattn.explain)")
 
     # Interleaved, so that a busy machine slows both alike.
     times: dict[str, list[float]] = {reference: [], "fastattn": []}
