@@ -299,7 +299,6 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
             )
         mask = _mask_to_4d(attn_mask, lead, L, S)
 
-    out_lead = lead
     call = AttentionCall(
         q=_to_4d(query, lead, (L, query.shape[-1])),
         k=_to_4d(key, kv_lead, (S, key.shape[-1])),
@@ -309,7 +308,7 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         causal=is_causal,
         dropout_p=dropout_p,
     )
-    return call, out_lead
+    return call, lead
 
 
 def _mask_to_4d(mask: torch.Tensor, lead: tuple[int, ...], L: int, S: int) -> torch.Tensor:

@@ -92,7 +92,7 @@ class CudaBackend(Backend):
                            "windows and per-batch key lengths, not a dense mask")
         if f.has_alibi:
             reasons.append("ALiBi slopes are not supported by the cuda kernel")
-        if getattr(f, "has_sinks", False):
+        if f.has_sinks:
             reasons.append("attention sinks are not supported by the cuda kernel")
         if f.dropout:
             reasons.append("dropout_p > 0 is not supported (the kernel has no dropout)")

@@ -99,8 +99,6 @@ class SDPABackend(Backend):
         mask = call.mask
         if not plain_causal:
             mask = combine_masks(mask, positional_bias(call))
-        if mask is not None and mask.dtype not in (torch.bool, call.q.dtype, torch.float32):
-            mask = mask.to(call.q.dtype)
         out = torch_sdpa(
             call.q, call.k, call.v,
             attn_mask=mask,

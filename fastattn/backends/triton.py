@@ -53,8 +53,6 @@ class TritonBackend(Backend):
             reasons.append(f"head_dim={max(f.head_dim, f.head_dim_v)} is too large (supported: <= {MAX_HEAD_DIM})")
         if f.empty:
             reasons.append("an empty sequence or head dim: nothing for a kernel to do")
-        if f.mask_dtype is not None and f.mask_dtype != torch.bool and not f.mask_dtype.is_floating_point:
-            reasons.append(f"mask dtype {f.mask_dtype} is not supported (supported: bool or floating point)")
         if f.dropout:
             reasons.append("dropout_p > 0 is not supported yet (the kernel has no dropout)")
         if f.needs_grad:
