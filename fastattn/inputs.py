@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Optional
 
 import torch
 
-__all__ = ["AttentionCall", "Features", "InvalidInputError", "from_sdpa_args", "from_flash_args"]
+__all__ = ["AttentionCall", "Features", "InvalidInputError", "from_sdpa_args", "from_flash_args", "with_extras"]
 
 
 class InvalidInputError(ValueError, RuntimeError):
@@ -323,6 +323,27 @@ def _mask_to_4d(mask: torch.Tensor, lead: tuple[int, ...], L: int, S: int) -> to
     batch = full[:-3]
     m = m.expand(*batch, m.shape[-3], L if m.shape[-2] != 1 else 1, S if m.shape[-1] != 1 else 1)
     return m.reshape(-1, *m.shape[-3:])
+
+
+def with_extras(call: AttentionCall, *, causal: bool = False, window=(-1, -1), softcap=0.0,
+                sinks: Optional[torch.Tensor] = None) -> AttentionCall:
+    """Add to an SDPA-style call what torch's signature cannot say (Transformers passes
+    these as keyword arguments): a top-left causal pattern beside an explicit mask, a
+    sliding window ``(left, right)``, softcap, and attention sinks (one logit per query head)."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise InvalidInputError(f"window must be a pair of ints >= -1 (-1 = unbounded), got {window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
+        raise InvalidInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating-point tensor, got {type(sinks).__name__}")
+        heads = call.q.shape[1]
+        if tuple(sinks.shape) != (heads,):
+            raise InvalidInputError(f"sinks must hold one logit per query head, shape ({heads},); "
+                                    f"got {tuple(sinks.shape)}")
+        sinks = sinks.to(call.q.device)  # a (heads,) parameter: no cost worth a refusal
+    return replace(call, causal=causal, window=tuple(window), softcap=float(softcap), sinks=sinks)
 
 
 # --------------------------------------------------------------------------- flash-attn front end

@@ -207,3 +207,19 @@ def test_query_heads_broadcast_and_numpy_scalars_like_torch():
     q, k, v = torch.randn(3, 1, 5, 8), torch.randn(3, 4, 7, 8), torch.randn(3, 4, 7, 8)
     got = fastattn.scaled_dot_product_attention(q, k, v, scale=np.float32(0.3), dropout_p=np.float64(0.0))
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    ({"window": (-2, 0)}, ValueError),
+    ({"softcap": -1.0}, ValueError),
+    ({"softcap": float("inf")}, ValueError),
+    ({"sinks": torch.zeros(3)}, ValueError),
+    ({"sinks": [0.0, 0.0]}, TypeError),
+])
+def test_extras_are_validated(kwargs, exc):
+    from fastattn.inputs import from_sdpa_args, with_extras
+
+    q = torch.randn(1, 2, 4, 8)
+    call, _ = from_sdpa_args(q, q, q)
+    with pytest.raises(exc):
+        with_extras(call, **kwargs)

@@ -25,9 +25,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -35,7 +34,7 @@ import torch
 from .. import dispatch
 from ..backends.sdpa import math_attention
 from ..functional import attention
-from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args
+from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, with_extras
 
 __all__ = [
     "NAME",
@@ -181,31 +180,16 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
             mask = torch.where(mask, position_bias, torch.finfo(position_bias.dtype).min)
         else:
             mask = position_bias + mask
-    if causal and mask is not None:
-        # A mask built here from cu_seq_lens or position_bias: fold the causal pattern
-        # (and window) into it, as Transformers' create_position_bias_mask does.
-        i = torch.arange(L, device=query.device)[:, None]
-        j = torch.arange(S, device=query.device)[None, :]
-        keep = j <= i
-        if window[0] >= 0:
-            keep = keep & (j >= i - window[0])
-        mask = mask & keep if mask.dtype == torch.bool else torch.where(keep, mask, torch.finfo(mask.dtype).min)
-        causal, window = False, (-1, -1)
+    # A mask built here (cu_seq_lens, position_bias) keeps causal and the window beside it:
+    # both backends apply them together, top-left as Transformers' masks do, and the
+    # kernel skips the key blocks they rule out.
     if mask is not None and mask.dtype != torch.bool and mask.dtype not in (query.dtype, torch.float32):
         mask = mask.float()
 
     call, _ = from_sdpa_args(query, key, value, attn_mask=mask, dropout_p=float(dropout or 0.0), is_causal=False,
                              scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    softcap = kwargs.get("softcap")
-    softcap = float(softcap) if softcap else 0.0
-    if softcap < 0 or not math.isfinite(softcap):
-        raise ValueError(f"softcap must be a finite float >= 0, got {softcap}")
-    sinks = kwargs.get("s_aux")
-    if sinks is not None:
-        if sinks.shape != (query.shape[1],):
-            raise ValueError(f"s_aux must have one logit per query head, shape ({query.shape[1]},); got {tuple(sinks.shape)}")
-        sinks = sinks.to(query.device)
-    return replace(call, causal=causal, window=window, softcap=softcap, sinks=sinks)
+    return with_extras(call, causal=causal, window=window, softcap=kwargs.get("softcap") or 0.0,
+                       sinks=kwargs.get("s_aux"))
 
 
 def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
