@@ -8,6 +8,16 @@ import torch
 from ..inputs import AttentionCall, Features
 
 
+def forward_only_reasons(f: Features) -> list[str]:
+    """What a forward-only kernel without dropout refuses (shared by the compiled kernels)."""
+    reasons = []
+    if f.dropout:
+        reasons.append("dropout_p > 0 is not supported yet (the kernel has no dropout)")
+    if f.needs_grad:
+        reasons.append("inputs require grad and the kernel is forward-only (no backward yet)")
+    return reasons
+
+
 class Backend:
     """A kernel family.
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import _device, _extension
 from ..inputs import HALF_DTYPES, AttentionCall, Features
-from .base import Backend
+from .base import Backend, forward_only_reasons
 
 MIN_CAPABILITY = (8, 0)
 
@@ -94,11 +94,7 @@ class CudaBackend(Backend):
             reasons.append("ALiBi slopes are not supported by the cuda kernel")
         if f.has_sinks:
             reasons.append("attention sinks are not supported by the cuda kernel")
-        if f.dropout:
-            reasons.append("dropout_p > 0 is not supported (the kernel has no dropout)")
-        if f.needs_grad:
-            reasons.append("inputs require grad and the kernel is forward-only (no backward yet)")
-        return reasons
+        return reasons + forward_only_reasons(f)
 
     def run(self, call: AttentionCall, *, seqused_k: Optional[torch.Tensor] = None, num_splits: int = 0):
         from ..ops.cuda_fwd import fwd

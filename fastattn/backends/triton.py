@@ -8,7 +8,7 @@ import torch
 from .. import _device
 from .._env import interpreting
 from ..inputs import HALF_DTYPES, AttentionCall, Features
-from .base import Backend
+from .base import Backend, forward_only_reasons
 
 MAX_HEAD_DIM = 256
 
@@ -53,11 +53,7 @@ class TritonBackend(Backend):
             reasons.append(f"head_dim={max(f.head_dim, f.head_dim_v)} is too large (supported: <= {MAX_HEAD_DIM})")
         if f.empty:
             reasons.append("an empty sequence or head dim: nothing for a kernel to do")
-        if f.dropout:
-            reasons.append("dropout_p > 0 is not supported yet (the kernel has no dropout)")
-        if f.needs_grad:
-            reasons.append("inputs require grad and the kernel is forward-only (no backward yet)")
-        return reasons
+        return reasons + forward_only_reasons(f)
 
     def run(self, call: AttentionCall):
         left, right = call.key_bounds
