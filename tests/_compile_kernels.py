@@ -19,23 +19,36 @@ from fastattn.kernels.triton import flash_fwd  # noqa: E402
 FLOAT_ARGS = {"qk_scale", "softcap_in", "softcap_out"}
 
 
+UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_pd", "stride_mn"}
+
+
 def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
-    signature = {}
+    """Compile as a launch on contiguous-last-dim tensors would: unit strides become
+    constants (Triton specializes ints equal to 1) and pointers and the other strides
+    are known multiples of 16 (so loads can be 16 bytes wide)."""
+    constexprs = dict(constexprs)
+    signature, attrs = {}, {}
     for name in fn.arg_names:
+        index = (fn.arg_names.index(name),)
+        if name in UNIT_STRIDES and name not in constexprs:
+            constexprs[name] = 1
         if name in pointers:
             signature[name] = "*" + pointers[name]
+            attrs[index] = [["tt.divisibility", 16]]
         elif name in constexprs:
             signature[name] = "constexpr"
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    src = ASTSource(fn=fn, signature=signature,
+            if name.startswith("stride_"):
+                attrs[index] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8", left=False, right=True,
-                    softcap=False, alibi=False, sinks=False, split=False, pack=False):
+                    softcap=False, alibi=False, sinks=False, split=False, pack=False, mask_rows=True):
     Ev = E if Ev is None else Ev
     cfg = flash_fwd.block_config(E, Ev, L)
     pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": "fp32" if split else dtype, "Lse": "fp32",
@@ -43,7 +56,7 @@ def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8
                 "Sinks": "fp32" if sinks else dtype}
     constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
                       BLOCK_DV=max(16, triton.next_power_of_2(Ev)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      HAS_LEFT=left, HAS_RIGHT=right, MASK_KIND=mask, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
+                      HAS_LEFT=left, HAS_RIGHT=right, MASK_KIND=mask, MASK_PER_ROW=bool(mask) and mask_rows, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
                       HAS_SINKS=sinks, SPLIT=split, PACK_GQA=pack, UPCAST=False)
     return pointers, constexprs, cfg["num_warps"], cfg["num_stages"]
 
@@ -57,9 +70,32 @@ VARIANTS = {
     "fp16_float_mask": dict(dtype="fp16", mask=2, mask_dtype="fp32", right=False),
     "bf16_decode_split": dict(L=1, right=False, split=True, sinks=True),
     "bf16_decode_pack_gqa": dict(L=4, split=True, pack=True, mask=1, alibi=True, sinks=True),
+    "bf16_hd64_causal": dict(E=64),
+    "bf16_hd64_key_padding": dict(E=64, mask=1, right=False, mask_rows=False),
+    "bf16_hd128_key_padding_causal": dict(E=128, mask=1, mask_rows=False),
+    "bf16_hd64_full_mask": dict(E=64, mask=1, right=False),
+    "bf16_hd256_full": dict(E=256, right=False),
 }
 
 
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and stack (spilled registers) per thread, read by the cuobjdump that ships
+    with Triton; empty when it is missing."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return dict(registers=int(found.group(1)), stack=int(found.group(2))) if found else {}
 
 
 def main(argv):
@@ -77,7 +113,8 @@ def main(argv):
                 block_m = constexprs["BLOCK_M"]
             ptx = kernel.asm["ptx"]
             print(json.dumps(dict(variant=name, ok=True, wgmma="wgmma" in ptx, mma="mma" in ptx,
-                                  block_m=block_m, shared=kernel.metadata.shared)), flush=True)
+                                  block_m=block_m, shared=kernel.metadata.shared,
+                                  **resource_usage(kernel.asm["cubin"]))), flush=True)
         except Exception as exc:
             print(json.dumps(dict(variant=name, ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])), flush=True)
     return 0

@@ -305,7 +305,7 @@ def test_additive_mask_at_float32_min(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("group,L", [(2, 1), (4, 3), (8, 16), (4, 40)])
-@pytest.mark.parametrize("features", ["causal_window", "head_mask_alibi_sinks"])
+@pytest.mark.parametrize("features", ["causal_window", "head_mask_alibi_sinks", "key_padding"])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_triton_pack_gqa(dtype, group, L, features, splits):
     """Packed GQA (decode): one program serves all query heads of a K/V head, rows
@@ -318,6 +318,9 @@ def test_triton_pack_gqa(dtype, group, L, features, splits):
     if features == "causal_window":
         kwargs = dict(causal_bounds=(60, 0), diag_offset=S - L)
         ref_kwargs = dict(window=(60, 0), lower_right=True)
+    elif features == "key_padding":  # (B, 1, 1, S): read as one mask row per tile
+        mask = (torch.arange(S, device=DEVICE) < torch.tensor([[S], [37]], device=DEVICE)).view(B, 1, 1, S)
+        kwargs = ref_kwargs = dict(mask=mask)
     else:
         mask = torch.rand(B, Hkv * group, L, S, device=DEVICE) > 0.4
         slopes = torch.rand(B, Hkv * group, device=DEVICE)

@@ -33,24 +33,29 @@ def _tanh(x):
 
 @triton.jit
 def _block_update(
-    acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n,
+    acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n,
     row_pos, row_valid, offs_n, offs_d, offs_dv,
-    stride_kn, stride_vn, stride_mn,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     seqlen_q, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, slope,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     cols = start_n + offs_n
-    # K is read transposed: a (BLOCK_D, BLOCK_N) tile.
+    # Tile pointers are formed here from scalar bases rather than kept across the loop:
+    # a (128 x 64) tile of 64-bit pointers held live costs 64 registers a thread and
+    # made the kernel spill. K is read transposed: a (BLOCK_D, BLOCK_N) tile.
+    K_ptrs = K_base + tl.cast(start_n, tl.int64) * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+    V_ptrs = V_base + tl.cast(start_n, tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
     if CHECK_BOUNDS:
-        k = tl.load(K_ptrs + tl.cast(start_n, tl.int64) * stride_kn,
+        k = tl.load(K_ptrs,
                     mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
     elif BLOCK_D != HEAD_DIM:
-        k = tl.load(K_ptrs + tl.cast(start_n, tl.int64) * stride_kn, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        k = tl.load(K_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     else:
-        k = tl.load(K_ptrs + tl.cast(start_n, tl.int64) * stride_kn)
+        k = tl.load(K_ptrs)
     if UPCAST:
         qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
     else:
@@ -65,15 +70,25 @@ def _block_update(
     if HAS_ALIBI:
         qk -= slope[:, None] * tl.abs(rel).to(tl.float32)
     if MASK_KIND != 0:
-        in_bounds = row_valid[:, None] & (cols[None, :] < seqlen_k)
+        if MASK_PER_ROW:
+            in_bounds = row_valid[:, None] & (cols[None, :] < seqlen_k)
+            M_ptrs = M_base + m_rows[:, None] + cols[None, :].to(tl.int64) * stride_mn
+        else:
+            # One mask row for the whole tile (key padding, (B, 1, 1, S)): a (BLOCK_N,)
+            # load instead of a (BLOCK_M, BLOCK_N) gather and its 64-bit pointer tile.
+            in_bounds = cols < seqlen_k
+            M_ptrs = M_base + tl.max(m_rows, 0) + cols.to(tl.int64) * stride_mn
     if MASK_KIND == 2:
-        bias = tl.load(M_ptrs + tl.cast(start_n, tl.int64) * stride_mn, mask=in_bounds, other=0.0)
+        bias = tl.load(M_ptrs, mask=in_bounds, other=0.0)
         # Masks filled with finfo(float32).min would overflow to -inf in log2 units,
         # turning "very unlikely" (torch still normalizes such a row) into "masked":
         # clamp finite values, keep -inf.
         bias = bias.to(tl.float32)
         bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.35e38))
-        qk += bias * 1.4426950408889634
+        if MASK_PER_ROW:
+            qk += bias * 1.4426950408889634
+        else:
+            qk += bias[None, :] * 1.4426950408889634
 
     if CHECK_BOUNDS:
         keep = cols[None, :] < seqlen_k
@@ -83,8 +98,11 @@ def _block_update(
             keep = keep & (rel >= -window_left)
         qk = tl.where(keep, qk, float("-inf"))
     if MASK_KIND == 1:
-        allowed = tl.load(M_ptrs + tl.cast(start_n, tl.int64) * stride_mn, mask=in_bounds, other=0)
-        qk = tl.where(allowed != 0, qk, float("-inf"))
+        allowed = tl.load(M_ptrs, mask=in_bounds, other=0)
+        if MASK_PER_ROW:
+            qk = tl.where(allowed != 0, qk, float("-inf"))
+        else:
+            qk = tl.where(allowed[None, :] != 0, qk, float("-inf"))
 
     # Online softmax; rows that have seen no visible key keep m = -inf and contribute nothing.
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -95,12 +113,12 @@ def _block_update(
     acc = acc * alpha[:, None]
 
     if CHECK_BOUNDS:
-        v = tl.load(V_ptrs + tl.cast(start_n, tl.int64) * stride_vn,
+        v = tl.load(V_ptrs,
                     mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     elif BLOCK_DV != HEAD_DIM_V:
-        v = tl.load(V_ptrs + tl.cast(start_n, tl.int64) * stride_vn, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        v = tl.load(V_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
     else:
-        v = tl.load(V_ptrs + tl.cast(start_n, tl.int64) * stride_vn)
+        v = tl.load(V_ptrs)
     if UPCAST:
         # Round P to the input dtype as the tensor-core path does, then multiply in fp32.
         acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -126,8 +144,8 @@ def _flash_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, PACK_GQA: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr, UPCAST: tl.constexpr,
 ):
     if HAS_RIGHT:
         # Causal row blocks get longer with start_m: start the long ones first so the
@@ -165,14 +183,10 @@ def _flash_fwd_kernel(
     q_ptrs = Q + off_b.to(tl.int64) * stride_qb \
         + (row_head.to(tl.int64) * stride_qh + row_pos.to(tl.int64) * stride_qm)[:, None] + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    K_ptrs = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh \
-        + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    V_ptrs = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh \
-        + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    M_ptrs = Mask
-    if MASK_KIND != 0:
-        M_ptrs = Mask + off_b.to(tl.int64) * stride_mb \
-            + (row_head.to(tl.int64) * stride_mh + row_pos.to(tl.int64) * stride_mm)[:, None] + offs_n[None, :] * stride_mn
+    K_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    V_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    M_base = Mask + off_b.to(tl.int64) * stride_mb
+    m_rows = row_head.to(tl.int64) * stride_mh + row_pos.to(tl.int64) * stride_mm
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_b * stride_sb + row_head * stride_sh).to(tl.float32) * 1.4426950408889634
@@ -224,25 +238,25 @@ def _flash_fwd_kernel(
 
     for start_n in range(lo, mid_lo, BLOCK_N):
         acc, m_i, l_i = _block_update(
-            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
-            stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+            acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
-            MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         acc, m_i, l_i = _block_update(
-            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
-            stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+            acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, False,
-            MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
     for start_n in range(mid_hi, hi, BLOCK_N):
         acc, m_i, l_i = _block_update(
-            acc, m_i, l_i, q, K_ptrs, V_ptrs, M_ptrs, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
-            stride_kn, stride_vn, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
+            acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
-            MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
 
     # Rows with no visible key: output 0 (as torch >= 2.5) and lse = +inf, so that a
     # backward pass computing exp(s - lse) gets 0 there.
@@ -315,15 +329,15 @@ def block_config(head_dim: int, head_dim_v: int, seqlen_q: int) -> dict:
     d = max(head_dim, head_dim_v)
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if seqlen_q <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=128 if d <= 128 else 64, num_warps=4, num_stages=3)
-    if d <= 64:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if seqlen_q <= 16:  # 8 warps: with 4, masks or sinks made the 16 x 128 tiles spill (sm_90, ptxas)
+        return dict(BLOCK_M=16, BLOCK_N=128 if d <= 128 else 64, num_warps=8, num_stages=3)
+    if d <= 64:  # 8 warps: with 4, masks made the tile spill registers (sm_90, ptxas)
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     elif d <= 128:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if seqlen_q <= 64:  # don't waste most of a 128-row tile
+    else:  # 8 warps: with 4 the 64 x 256 accumulator spilled registers (sm_90, ptxas)
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if seqlen_q <= 64 and d <= 128:  # don't waste most of a 128-row tile
         cfg.update(BLOCK_M=64, num_warps=4)
     return cfg
 
@@ -409,6 +423,8 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     group = Hq // Hkv
     if pack_gqa is None:
         pack_gqa = group > 1 and L <= 16
+    # A mask whose value does not change along a tile's rows (key padding) is read as one row.
+    mask_per_row = mask is not None and (mstrides[2] != 0 or (pack_gqa and mstrides[1] != 0))
     rows, programs_per_row_block = (group * L, B * Hkv) if pack_gqa else (L, B * Hq)
     may_step_down = config is None
     cfg = dict(config or block_config(E, Ev, rows))
@@ -444,7 +460,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
                     (softcap * log2e) if softcap > 0 else 0.0,
                     HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                    MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                    MASK_KIND=mask_kind, MASK_PER_ROW=mask_per_row, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                     HAS_SINKS=sinks is not None, SPLIT=splits > 1, PACK_GQA=pack_gqa,
                     UPCAST=interpreting(),
                     **cfg,
