@@ -60,6 +60,22 @@ def _first_call(provider: Provider, fn):
     return fn(), []
 
 
+def _prepare(provider: Provider, case: Case, inputs, ref, row: dict):
+    """Build the provider's callable and check its first output against the reference.
+    Returns (fn, out), or (None, None) with the reasons written into ``row``."""
+    reasons = provider.reasons(case, inputs)
+    fn = out = None
+    if not reasons:
+        fn = provider.build(case, inputs)
+        out, reasons = _first_call(provider, fn)
+    if reasons:
+        row["reason"] = "; ".join(reasons)
+        return None, None
+    row["backend"] = provider.backend(case, inputs)
+    row["max_diff"] = _max_diff(out, ref, provider)
+    return fn, out
+
+
 # --------------------------------------------------------------------------- GPU
 
 
@@ -79,15 +95,9 @@ def run_case_cuda(case: Case, providers: list[Provider], device, info: dict, cop
         rows.append(row)
         out = fn = bench = None
         try:
-            reasons = provider.reasons(case, inputs)
-            if not reasons:
-                fn = provider.build(case, inputs)
-                out, reasons = _first_call(provider, fn)
-            if reasons:
-                row["reason"] = "; ".join(reasons)
+            fn, out = _prepare(provider, case, inputs, ref, row)
+            if fn is None:
                 continue
-            row["backend"] = provider.backend(case, inputs)
-            row["max_diff"] = _max_diff(out, ref, provider)
             if case.mode == "bwd":
                 out = provider.to_sdpa_layout(out) if not isinstance(out, torch.Tensor) else out
                 leaves, dout, fwd_out = inputs.leaves, inputs.dout, out
@@ -171,16 +181,9 @@ def run_case_cpu(case: Case, providers: list[Provider], info: dict, repeats: int
     for provider in providers:
         row = rows[provider.name] = dict(info, **case.as_row(), provider=provider.name, status="skip", reason="")
         try:
-            reasons = provider.reasons(case, inputs)
-            if not reasons:
-                fn = provider.build(case, inputs)
-                out, reasons = _first_call(provider, fn)
-            if reasons:
-                row["reason"] = "; ".join(reasons)
-                continue
-            row["backend"] = provider.backend(case, inputs)
-            row["max_diff"] = _max_diff(out, ref, provider)
-            fns[provider.name] = fn
+            fn, _ = _prepare(provider, case, inputs, ref, row)
+            if fn is not None:
+                fns[provider.name] = fn
         except Exception as exc:
             row.update(status="error", reason=_first_line(exc))
     timings = time_cpu(fns, repeats=repeats) if fns else {}
