@@ -17,7 +17,7 @@ from .. import _device, _extension
 from ..inputs import HALF_DTYPES, AttentionCall, Features
 from .base import Backend, forward_only_reasons
 
-MIN_CAPABILITY = (8, 0)
+MIN_CAPABILITY = _extension.MIN_ARCH  # what the extension is compiled for
 
 # One sentence per reason; the C++ op's messages contain the same text.
 MSG_DEVICE = "the cuda backend needs tensors on a CUDA device"

@@ -401,6 +401,12 @@ def _layer_outputs(model, inputs) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
+def reference_implementation(model) -> str:
+    """Transformers' own attention to compare fastattn with: "sdpa" where the model
+    supports it, else "eager" (Gemma2's softcap, GPT-OSS's sinks)."""
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
 def check(model, inputs: dict, reference: str = "eager") -> CheckReport:
     """Run ``model(**inputs)`` with fastattn and with Transformers' ``reference`` attention
     and report the largest difference of every layer output on non-padded positions

@@ -107,7 +107,7 @@ def demo_main(argv=None) -> int:
         model, inputs, what = _minilm(args.device, dtype, args.batch)
     else:
         model, inputs, what = _random_model(args.model, args.device, dtype, args.batch, args.seq)
-    reference = "sdpa" if model._supports_sdpa else "eager"
+    reference = hf.reference_implementation(model)
     shape = tuple(inputs["input_ids"].shape)
     print(f"model: {what}, {dtype} on {args.device}; batch {shape[0]} x {shape[1]} tokens, "
           f"{int((inputs['attention_mask'] == 0).sum())} of them padding")
