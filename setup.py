@@ -43,7 +43,11 @@ if os.environ.get("FASTATTN_BUILD_CUDA", "0") == "1":
     else:
         archs = extension.DEFAULT_AOT_ARCHS
     head_dims = extension.parse_head_dims(os.environ.get(extension.ENV_HEAD_DIMS))
-    cxx, nvcc = extension.compile_flags(archs, head_dims)
+    try:
+        cutlass_include = extension.cutlass_include_or_raise()
+    except extension.BuildError as exc:
+        raise SystemExit(f"FASTATTN_BUILD_CUDA=1: {exc}")
+    cxx, nvcc = extension.compile_flags(archs, head_dims, cutlass_include)
     ext_modules.append(CUDAExtension(
         name="fastattn._C",
         sources=[str(s.relative_to(here)) for s in extension.sources(head_dims)],

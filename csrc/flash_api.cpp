@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "flash_api.h"
 #include "flash_params.h"
 
 namespace fastattn {
@@ -148,65 +149,26 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
               " is too old (the cuda backend needs 8.0 or newer)");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
 
-  // Output in q's memory layout: (B, L, H, D) when q is a transposed (B, L, H, D) buffer.
-  at::Tensor out = q.stride(1) < q.stride(2) ? at::empty({B, L, Hq, D}, q.options()).transpose(1, 2)
-                                             : at::empty({B, Hq, L, D}, q.options());
-  at::Tensor lse = at::empty({B, Hq, L}, q.options().dtype(at::kFloat));
+  auto [out, lse] = empty_outputs(q);
   if (B == 0 || Hq == 0 || L == 0) return {out, lse};
+  check_seqused_k(seqused_k, q);
+  FwdParams p = make_params(q, k, v, out, lse, scale, window_left, window_right, lower_right, softcap, seqused_k);
 
-  if (seqused_k.has_value()) {
-    const at::Tensor& used = *seqused_k;
-    TORCH_CHECK(used.device() == q.device(), "seqused_k must be on ", q.device(), ", got ", used.device());
-    TORCH_CHECK(used.scalar_type() == at::kInt, "seqused_k must be int32, got ", used.scalar_type());
-    TORCH_CHECK(used.dim() == 1 && used.size(0) == B && used.is_contiguous(),
-                "seqused_k must be a contiguous (batch,) = (", B, ",) tensor, got shape ", used.sizes());
-  }
-
-  FwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
-  p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
-  p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
-  p.batch = int(B), p.heads_q = int(Hq), p.heads_kv = int(Hkv), p.seqlen_q = int(L), p.seqlen_k = int(S);
-  p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
-  constexpr double kLog2e = 1.4426950408889634;
-  p.has_softcap = softcap > 0;
-  p.scale_log2 = float(scale * kLog2e);
-  p.softcap_in = p.has_softcap ? float(scale / softcap) : 0.f;
-  p.softcap_out_log2 = p.has_softcap ? float(softcap * kLog2e) : 0.f;
-  p.window_left = int(std::min<int64_t>(window_left, INT32_MAX));
-  p.window_right = int(std::min<int64_t>(window_right, INT32_MAX));
-  p.lower_right = lower_right;
-
-  const int64_t row_blocks = ((Hq / Hkv) * L + kBlockM - 1) / kBlockM;
-  TORCH_CHECK(row_blocks <= 65535, "too many query rows per kv head for one launch (", (Hq / Hkv) * L, ")");
-  const int ctas = int(B * Hkv * row_blocks);
+  const int64_t blocks = row_blocks(q, k);
+  TORCH_CHECK(blocks <= 65535, "too many query rows per kv head for one launch (", (Hq / Hkv) * L, ")");
+  const int ctas = int(B * Hkv * blocks);
   int splits = num_splits > 0 ? int(num_splits) : choose_num_splits(ctas, int(L), int(S), int(D), info.sm_count);
-  splits = std::max(1, std::min(splits, 256));
-  p.num_splits = splits;
-  at::Tensor out_accum, lse_accum;
-  if (splits > 1) {
-    out_accum = at::empty({splits, B, Hq, L, D}, q.options().dtype(at::kFloat));
-    lse_accum = at::empty({splits, B, Hq, L}, q.options().dtype(at::kFloat));
-    p.out_accum = out_accum.data_ptr<float>();
-    p.lse_accum = lse_accum.data_ptr<float>();
-  }
+  auto accum = split_buffers(p, q, std::max(1, std::min(splits, 256)));  // kept alive until the launches are queued
 
   const bool bounded = window_left >= 0 || window_right >= 0;
   if (dtype == at::kHalf) {
     launch<Half>(p, int(D), bounded, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (splits > 1) launch_flash_combine<Half>(p, int(D), stream);
+    if (p.num_splits > 1) launch_flash_combine<Half>(p, int(D), stream);
   } else {
     launch<BFloat16>(p, int(D), bounded, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (splits > 1) launch_flash_combine<BFloat16>(p, int(D), stream);
+    if (p.num_splits > 1) launch_flash_combine<BFloat16>(p, int(D), stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};

@@ -1,39 +1,43 @@
 // Flash-attention forward on tensor cores (sm80+): fp16/bf16 in, fp32 accumulate.
 //
-// Building block: nvcuda::wmma (<mma.h>) 16x16x16 fragments, with cp.async copies
-// through cuda_pipeline_primitives.h. Why not CUTLASS/CuTe (nvidia-cutlass 4.2)?
-//  - this kernel cannot be run where it is written, only compiled, so every line has
-//    to be checkable by reading: wmma's contract (load/store/mma of whole 16x16
-//    tiles) is small and documented, where a CuTe kernel's correctness lives in
-//    layout algebra that is hard to verify without running it;
-//  - wmma and the pipeline primitives ship with every CUDA toolkit, so building needs
-//    no extra package on the machine (CUTLASS would be a build-time download), and a
-//    translation unit compiles in seconds instead of the minutes CuTe templates take;
-//  - the cost is speed: wmma hides the fragment layout, so the softmax goes through
-//    shared memory instead of registers. Correctness first; CuTe is the upgrade path.
-// The one property of wmma relied on beyond the load/store/mma contract: two
-// accumulator fragments of the same type map matrix elements to storage slots the
-// same way, so an elementwise product of their .x[] arrays is an elementwise product
-// of the matrices. That is how the running output is rescaled by the softmax
-// correction alpha (loaded as a 16x16 tile whose row r holds alpha[r]).
+// Building block: CuTe (CUTLASS 4.2 headers, the `nvidia-cutlass` package). The kernel
+// follows FlashAttention-2's design: a CTA owns kBlockM query rows, keeps S = Q K^T and
+// the online softmax in registers (the mma.sync m16n8k16 accumulator layout), reuses the
+// probabilities as the A operand of O += P V without a trip through shared memory, and
+// pipelines K/V tiles through swizzled shared memory with cp.async, read back with
+// ldmatrix (transposed for V). Why CuTe rather than raw PTX or wmma: the MMA and copy
+// atoms (mma.sync, ldmatrix, cp.async) and the thread/value layouts that say which
+// lane holds which element are CUTLASS's, used by the field's fastest kernels and
+// tested there; what is left to us is the attention logic. (The first version used
+// wmma, whose hidden fragment layout forced the softmax through shared memory: 0.15x
+// of cuDNN on an H100.)
 //
-// Work split: a CTA of 4 warps owns 64 "rows" of one (batch, kv head). Rows pack the
-// query heads that share that kv head (pack-GQA): row r is query head
-// kv_head * group + r / L, query position r % L. K/V are therefore read once per
-// group, which is what makes MQA/GQA decode cheap, and nothing is copied. Each warp
-// owns 16 rows and computes
-//     S = Q K^T (wmma) -> shared memory -> online softmax by the lanes -> P (input
-//     dtype) -> O = O * alpha + P V (wmma, fp32 accumulators held in registers).
-// The K/V tiles are pipelined through shared memory as in FlashAttention-2: V_j is
-// copied while S_j is computed, K_{j+1} while P_j V_j is computed.
+// Checked without a GPU: the kernel body is written against a small "arch" policy
+// (DeviceArch below: cp.async, barriers, warp shuffles, the MMA and ldmatrix atoms).
+// csrc/emulation/ swaps in a host policy -- threads for lanes, an MMA that exchanges
+// fragments across the emulated warp using CUTLASS's own layouts, cp.async copies that
+// land only at the wait -- and tests/test_cuda_emulated.py runs this same body on the
+// CPU against the fp64 reference. What the emulation cannot check is the ldmatrix and
+// cp.async instructions themselves; the GPU tests do.
+//
+// Work split: a CTA owns 128 "rows" of one (batch, kv head). Rows pack the query heads
+// that share that kv head (pack-GQA): row r is query head kv_head * group + r / L,
+// query position r % L. K/V are therefore read once per group, which is what makes
+// MQA/GQA decode cheap, and nothing is copied. Each warp owns 16-row slices of the
+// tile (the tiled MMA's M layout); the four lanes of a quad share a row, so row
+// reductions are two xor-shuffles.
+// Pipeline (FlashAttention-2): V_j is copied while S_j = Q K_j^T and its softmax are
+// computed, K_{j+1} while O += P_j V_j is.
 // Split-KV: blockIdx.z picks a slice of the key tiles; partial results go to
 // out_accum/lse_accum and flash_fwd_combine.cu merges them.
 #pragma once
 
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+#if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_pipeline_primitives.h>
-#include <mma.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -43,105 +47,214 @@
 namespace fastattn {
 
 template <typename Tag>
-struct ElementTraits;
+struct CuteTypes;
 template <>
-struct ElementTraits<Half> {
-  using type = __half;
-  static __device__ __forceinline__ type from_float(float x) { return __float2half_rn(x); }
+struct CuteTypes<Half> {
+  using Element = cutlass::half_t;
+  using Mma = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 template <>
-struct ElementTraits<BFloat16> {
-  using type = __nv_bfloat16;
-  static __device__ __forceinline__ type from_float(float x) { return __float2bfloat16_rn(x); }
+struct CuteTypes<BFloat16> {
+  using Element = cutlass::bfloat16_t;
+  using Mma = cute::SM80_16x8x16_F32BF16BF16F32_TN;
 };
 
-// Shared-memory geometry for one head dim. Leading dims are padded (+8 halves, +4
-// floats) so rows start on different banks; they stay multiples of 16 bytes (cp.async)
-// and every 16-row/16-column fragment start stays 32-byte aligned (wmma's rule).
-template <int kHeadDim>
-struct FwdConfig {
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = fastattn::kBlockM;  // 16 rows per warp
+#if defined(__CUDACC__)
+// The hardware: what the kernel body asks of the machine.
+struct DeviceArch {
+  template <typename Tag>
+  using Mma = typename CuteTypes<Tag>::Mma;
+  using LoadMatrix = cute::SM75_U32x4_LDSM_N;            // A (Q, P) and B (K) operands
+  using LoadMatrixTransposed = cute::SM75_U16x8_LDSM_T;  // B operand from V (keys x dims)
+
+  static __device__ __forceinline__ void copy_async_16(void* smem_dst, const void* gmem_src) {
+    cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(*static_cast<const cute::uint128_t*>(gmem_src),
+                                                           *static_cast<cute::uint128_t*>(smem_dst));
+  }
+  static __device__ __forceinline__ void commit() { cute::cp_async_fence(); }
+  static __device__ __forceinline__ void wait_all() { cute::cp_async_wait<0>(); }
+  static __device__ __forceinline__ void sync_block() { __syncthreads(); }
+  static __device__ __forceinline__ float shfl_xor(float x, int lane_mask) {
+    return __shfl_xor_sync(0xffffffffu, x, lane_mask);
+  }
+};
+#endif
+
+// Tile geometry and layouts for one (element type, head dim) on one arch policy.
+template <typename Tag, int kHeadDim_, class Arch>
+struct FwdTraits {
+  using Element = typename CuteTypes<Tag>::Element;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = fastattn::kBlockM;
   static constexpr int kBlockN = block_n_for(kHeadDim);
-  static constexpr int kLdQKV = kHeadDim + 8;  // halves
-  static constexpr int kLdS = kBlockN + 4;     // floats
-  static constexpr int kLdP = kBlockN + 8;     // halves
-  static constexpr int kLdO = kHeadDim + 4;    // floats, epilogue staging
+  static constexpr int kWarps = warps_for(kHeadDim);
+  static constexpr int kThreads = kWarps * 32;
 
-  static constexpr int kQBytes = kBlockM * kLdQKV * 2;
-  static constexpr int kKBytes = kBlockN * kLdQKV * 2;
-  static constexpr int kVBytes = kBlockN * kLdQKV * 2;
-  static constexpr int kSBytes = kWarps * 16 * kLdS * 4;
-  static constexpr int kPBytes = kWarps * 16 * kLdP * 2;
-  static constexpr int kMainBytes = kQBytes + kKBytes + kVBytes + kSBytes + kPBytes;
-  static constexpr int kStageBytes = kBlockM * kLdO * 4;  // reuses the main layout's space
-  static constexpr int kSmemBytes = kMainBytes > kStageBytes ? kMainBytes : kStageBytes;
+  // Every warp takes 16-row slices of the tile; the tile's M extent is kBlockM.
+  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename Arch::template Mma<Tag>>,
+                                  cute::Layout<cute::Shape<cute::Int<kWarps>, cute::_1, cute::_1>>,
+                                  cute::Tile<cute::Int<16 * kWarps>, cute::_16, cute::_16>>;
 
-  static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16 (wmma k-step)");
-  static_assert(kBlockN % 16 == 0 && kBlockN % 2 == 0, "key block must be a multiple of 16");
-  static_assert(kQBytes % 128 == 0 && kKBytes % 128 == 0 && kSBytes % 128 == 0, "regions stay aligned");
+  // Shared memory: rows of kHeadDim elements, swizzled in 16-byte chunks so that the
+  // 8 rows an ldmatrix phase reads fall in different banks. A chunk (8 elements) stays
+  // contiguous, which is what the 16-byte cp.async copies need.
+  static constexpr int kSmemRow = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kSwizzleBits = kSmemRow == 64 ? 3 : 2;
+  using SmemLayoutAtom = decltype(cute::composition(
+      cute::Swizzle<kSwizzleBits, 3, 3>{},
+      cute::Layout<cute::Shape<cute::_8, cute::Int<kSmemRow>>, cute::Stride<cute::Int<kSmemRow>, cute::_1>>{}));
+  using SmemLayoutQ =
+      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutKV =
+      decltype(cute::tile_to_shape(SmemLayoutAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  // V read as (dims, keys): the B operand of O += P V.
+  using SmemLayoutVt = decltype(cute::composition(
+      SmemLayoutKV{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
+
+  using SmemCopyAtom = cute::Copy_Atom<typename Arch::LoadMatrix, Element>;
+  using SmemCopyAtomTransposed = cute::Copy_Atom<typename Arch::LoadMatrixTransposed, Element>;
+
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kKVElems = kBlockN * kHeadDim;
+  static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * int(sizeof(Element));
+
+  static_assert(kHeadDim % 32 == 0, "head dim must be a multiple of 32 (swizzle atom)");
+  static_assert(kBlockM % (16 * kWarps) == 0, "the warps must tile the query rows");
 };
 
-// Copy `rows` rows of kHeadDim elements into shared memory in 16-byte chunks; rows for
-// which row_ptr() returns nullptr are zero-filled (padding rows must hold finite values:
-// a padding V row multiplies a zero probability, and 0 * NaN would poison the output).
-template <typename T, int kHeadDim, int kThreads, typename RowPtr>
-__device__ __forceinline__ void copy_tile_async(T* smem, int ld, int rows, RowPtr row_ptr) {
-  constexpr int kChunksPerRow = kHeadDim / 8;  // 8 halves = 16 bytes
-  for (int c = threadIdx.x; c < rows * kChunksPerRow; c += kThreads) {
-    const int row = c / kChunksPerRow;
-    const int col = (c % kChunksPerRow) * 8;
-    T* dst = smem + row * ld + col;
-    const T* src = row_ptr(row);
-    if (src != nullptr) {
-      __pipeline_memcpy_async(dst, src + col, 16);
+// The accumulator of the m16n8k16 MMA, ((2, 2), MMA_M, MMA_N), viewed as
+// (rows, cols) = ((2, MMA_M), (2, MMA_N)): row i of the view is one query row.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto rowcol_layout(Layout layout) {
+  using namespace cute;
+  static_assert(decltype(size<0, 0>(layout))::value == 2 && decltype(size<0, 1>(layout))::value == 2);
+  auto l = logical_divide(layout, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// The same registers as an A operand for the next MMA: ((2, 2), MMA_M, MMA_N) ->
+// ((2, 2, 2), MMA_M, MMA_N / 2). Two n8 accumulator tiles make one k16 A tile.
+template <class Layout>
+CUTE_HOST_DEVICE constexpr auto acc_as_a_layout(Layout layout) {
+  using namespace cute;
+  static_assert(decltype(size<2>(layout))::value % 2 == 0);
+  auto l = logical_divide(layout, Shape<Underscore, Underscore, _2>{});  // ((2, 2), MMA_M, (2, MMA_N / 2))
+  return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+}
+
+// fp32 registers -> the input dtype, two at a time (one cvt.rn.*x2.f32 each on the GPU).
+template <class Src, class Dst>
+CUTE_HOST_DEVICE void convert_fragment(const Src& src, Dst& dst) {
+  using Element = typename Dst::value_type;
+  static_assert(decltype(cute::size(src))::value % 2 == 0);
+  CUTE_UNROLL
+  for (int i = 0; i < cute::size(src); i += 2) {
+#if defined(__CUDA_ARCH__)
+    const float2 pair = make_float2(src(i), src(i + 1));
+    if constexpr (std::is_same_v<Element, cutlass::half_t>) {
+      *reinterpret_cast<__half2*>(&dst(i)) = __float22half2_rn(pair);
     } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      *reinterpret_cast<__nv_bfloat162*>(&dst(i)) = __float22bfloat162_rn(pair);
+    }
+#else
+    dst(i) = Element(src(i));
+    dst(i + 1) = Element(src(i + 1));
+#endif
+  }
+}
+
+// acc += A B, both operands read from shared memory one k-slice ahead of the MMA.
+template <class Acc, class RegA, class RegB, class SmemA, class SmemB, class TiledMma, class CopyA, class CopyB,
+          class ThrCopyA, class ThrCopyB>
+CUTE_HOST_DEVICE void gemm_smem_smem(Acc& acc, RegA& rA, RegB& rB, const SmemA& sA, const SmemB& sB,
+                                     TiledMma& tiled_mma, const CopyA& copy_a, const CopyB& copy_b,
+                                     const ThrCopyA& thr_copy_a, const ThrCopyB& thr_copy_b) {
+  using namespace cute;
+  Tensor rA_view = thr_copy_a.retile_D(rA);
+  Tensor rB_view = thr_copy_b.retile_D(rB);
+  copy(copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) {
+      copy(copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
+      copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    }
+    gemm(tiled_mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// acc += A B with A already in registers (the probabilities) and B from shared memory.
+template <class Acc, class RegA, class RegB, class SmemB, class TiledMma, class CopyB, class ThrCopyB>
+CUTE_HOST_DEVICE void gemm_reg_smem(Acc& acc, const RegA& rA, RegB& rB, const SmemB& sB, TiledMma& tiled_mma,
+                                    const CopyB& copy_b, const ThrCopyB& thr_copy_b) {
+  using namespace cute;
+  Tensor rB_view = thr_copy_b.retile_D(rB);
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    gemm(tiled_mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// Copy `rows` rows of kHeadDim elements into the swizzled tile `s` in 16-byte chunks;
+// rows for which row_ptr() returns nullptr are zero-filled (padding rows must hold
+// finite values: a padding V row multiplies a zero probability, and 0 * NaN = NaN).
+template <class Arch, int kHeadDim, int kThreads, int kRows, class SmemTensor, class RowPtr>
+CUTE_HOST_DEVICE void load_rows(SmemTensor& s, int tid, RowPtr row_ptr) {
+  using Element = typename SmemTensor::value_type;
+  constexpr int kChunks = kHeadDim / 8;
+  static_assert((kRows * kChunks) % kThreads == 0, "every thread copies the same number of chunks");
+  CUTE_UNROLL
+  for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
+    const int c = tid + i * kThreads;
+    const int row = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    Element* dst = &s(row, col);
+    const Element* src = row_ptr(row);
+    if (src != nullptr) {
+      Arch::copy_async_16(dst, src + col);
+    } else {
+      CUTE_UNROLL
+      for (int e = 0; e < 8; ++e) dst[e] = Element(0.f);
     }
   }
 }
 
-template <typename Tag, int kHeadDim, bool kBounded>
-__global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
-flash_fwd_kernel(const FwdParams p) {
-  using namespace nvcuda;
-  using T = typename ElementTraits<Tag>::type;
-  using Cfg = FwdConfig<kHeadDim>;
-  constexpr int kBlockM = Cfg::kBlockM;
-  constexpr int kBlockN = Cfg::kBlockN;
-  constexpr int kDFrags = kHeadDim / 16;
-  constexpr int kNFrags = kBlockN / 16;
+// One CTA's work; (tid, block) are threadIdx.x and blockIdx on the GPU. Every thread of
+// the CTA runs every barrier and every MMA (the emulation relies on it as the GPU does).
+template <class Kt, bool kBounded, class Arch>
+CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, int block_x, int block_y,
+                                      int block_z) {
+  using namespace cute;
+  using Element = typename Kt::Element;
+  constexpr int kBlockM = Kt::kBlockM;
+  constexpr int kBlockN = Kt::kBlockN;
+  constexpr int kHeadDim = Kt::kHeadDim;
   constexpr float kLn2 = 0.6931471805599453f;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* smem_q = reinterpret_cast<T*>(smem_raw);
-  T* smem_k = reinterpret_cast<T*>(smem_raw + Cfg::kQBytes);
-  T* smem_v = reinterpret_cast<T*>(smem_raw + Cfg::kQBytes + Cfg::kKBytes);
-  float* smem_s = reinterpret_cast<float*>(smem_raw + Cfg::kQBytes + Cfg::kKBytes + Cfg::kVBytes);
-  T* smem_p = reinterpret_cast<T*>(smem_raw + Cfg::kQBytes + Cfg::kKBytes + Cfg::kVBytes + Cfg::kSBytes);
-
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int batch = blockIdx.x / p.heads_kv;
-  const int kv_head = blockIdx.x % p.heads_kv;
-  const int split = blockIdx.z;
+  const int batch = block_x / p.heads_kv;
+  const int kv_head = block_x % p.heads_kv;
+  const int split = block_z;
   const int group = p.heads_q / p.heads_kv;
   const int L = p.seqlen_q;
   const int n_rows = group * L;  // packed rows of this (batch, kv head)
-  const int row0 = blockIdx.y * kBlockM;
-  if (row0 >= n_rows) return;  // whole CTA exits together: no barrier is left waiting
+  const int row0 = block_y * kBlockM;
+  if (row0 >= n_rows) return;  // the whole CTA leaves together: no barrier is left waiting
 
-  const int keys = p.seqused_k != nullptr ? min(p.seqused_k[batch], p.seqlen_k) : p.seqlen_k;
+  const int keys = p.seqused_k != nullptr ? cute::min(p.seqused_k[batch], p.seqlen_k) : p.seqlen_k;
   const int64_t diag = p.lower_right ? int64_t(keys) - L : 0;
 
-  const T* q_base = static_cast<const T*>(p.q) + batch * p.q_batch_stride;
-  const T* k_base = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
+  const Element* q_base = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
+  const Element* k_base =
+      static_cast<const Element*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
+  const Element* v_base =
+      static_cast<const Element*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
 
   // Key range [n_begin, n_end) this CTA visits: the union over its rows of each row's
-  // visible keys (per-element checks below make it exact), then this split's slice.
-  const int last_row = min(row0 + kBlockM, n_rows) - 1;
+  // visible keys (per-element checks make it exact), then this split's slice.
+  const int last_row = cute::min(row0 + kBlockM, n_rows) - 1;
   int first_pos = row0 % L, last_pos = last_row % L;
   if (row0 / L != last_row / L) {  // the CTA spans two query heads: positions wrap
     first_pos = 0;
@@ -149,195 +262,240 @@ flash_fwd_kernel(const FwdParams p) {
   }
   int64_t lo = 0, hi = keys;
   if (kBounded) {
-    if (p.window_right >= 0) hi = min(hi, max(int64_t(last_pos) + diag + p.window_right + 1, int64_t(0)));
-    if (p.window_left >= 0) lo = max(int64_t(first_pos) + diag - p.window_left, int64_t(0));
+    if (p.window_right >= 0) hi = cute::min(hi, cute::max(int64_t(last_pos) + diag + p.window_right + 1, int64_t(0)));
+    if (p.window_left >= 0) lo = cute::max(int64_t(first_pos) + diag - p.window_left, int64_t(0));
   }
   lo = (lo / kBlockN) * kBlockN;
-  int n_begin = int(lo), n_end = int(max(hi, lo));
+  int n_begin = int(lo), n_end = int(cute::max(hi, lo));
   if (p.num_splits > 1) {
     const int tiles = (n_end - n_begin + kBlockN - 1) / kBlockN;
     const int tiles_per_split = (tiles + p.num_splits - 1) / p.num_splits;
     const int begin = n_begin + split * tiles_per_split * kBlockN;
-    n_end = min(n_end, begin + tiles_per_split * kBlockN);
-    n_begin = min(begin, n_end);
+    n_end = cute::min(n_end, begin + tiles_per_split * kBlockN);
+    n_begin = cute::min(begin, n_end);
   }
 
+  Element* smem_q = reinterpret_cast<Element*>(smem);
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Kt::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_q + Kt::kQElems), typename Kt::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem_q + Kt::kQElems + Kt::kKVElems), typename Kt::SmemLayoutKV{});
+  Tensor sVt = make_tensor(sV.data(), typename Kt::SmemLayoutVt{});
+
   // Query tile: packed row r -> (query head, position).
-  copy_tile_async<T, kHeadDim, Cfg::kThreads>(smem_q, Cfg::kLdQKV, kBlockM, [&](int r) -> const T* {
+  load_rows<Arch, kHeadDim, Kt::kThreads, kBlockM>(sQ, tid, [&](int r) -> const Element* {
     const int row = row0 + r;
     if (row >= n_rows) return nullptr;
     const int head = kv_head * group + row / L;
     return q_base + head * p.q_head_stride + int64_t(row % L) * p.q_row_stride;
   });
   const int64_t k_row_stride = p.k_row_stride, v_row_stride = p.v_row_stride;
-  auto k_row = [=](int n0) {
-    return [=](int r) -> const T* { return n0 + r < keys ? k_base + int64_t(n0 + r) * k_row_stride : nullptr; };
+  auto load_k = [&](int n0) {
+    load_rows<Arch, kHeadDim, Kt::kThreads, kBlockN>(sK, tid, [&](int r) -> const Element* {
+      return n0 + r < keys ? k_base + int64_t(n0 + r) * k_row_stride : nullptr;
+    });
   };
-  auto v_row = [=](int n0) {
-    return [=](int r) -> const T* { return n0 + r < keys ? v_base + int64_t(n0 + r) * v_row_stride : nullptr; };
+  auto load_v = [&](int n0) {
+    load_rows<Arch, kHeadDim, Kt::kThreads, kBlockN>(sV, tid, [&](int r) -> const Element* {
+      return n0 + r < keys ? v_base + int64_t(n0 + r) * v_row_stride : nullptr;
+    });
   };
-  if (n_begin < n_end) copy_tile_async<T, kHeadDim, Cfg::kThreads>(smem_k, Cfg::kLdQKV, kBlockN, k_row(n_begin));
-  __pipeline_commit();
+  if (n_begin < n_end) load_k(n_begin);
+  Arch::commit();
 
-  // This warp's 16 rows; a warp whose rows are all padding still copies tiles and
-  // meets every barrier, but skips the math.
-  const bool warp_active = row0 + warp * 16 < n_rows;
-  float* s_w = smem_s + warp * 16 * Cfg::kLdS;
-  T* p_w = smem_p + warp * 16 * Cfg::kLdP;
-  const T* q_w = smem_q + warp * 16 * Cfg::kLdQKV;
+  typename Kt::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K)
+  Tensor tOrVt = thr_mma.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N)
+  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  clear(acc_o);
 
-  // Softmax ownership: lanes 2r and 2r+1 share row r; lane 2r+h takes columns h, h+2, ...
-  const int my_row = lane / 2;
-  const int my_half = lane % 2;
-  const int my_packed_row = row0 + warp * 16 + my_row;
-  const int64_t my_pos = my_packed_row % L;  // only meaningful when my_packed_row < n_rows
-  float m_i = -INFINITY;                      // running max, log2 units
-  float l_i = 0.f;                            // running sum of exp2(s - m_i)
+  auto copy_q = make_tiled_copy_A(typename Kt::SmemCopyAtom{}, tiled_mma);
+  auto thr_copy_q = copy_q.get_thread_slice(tid);
+  Tensor tSsQ = thr_copy_q.partition_S(sQ);
+  auto copy_k = make_tiled_copy_B(typename Kt::SmemCopyAtom{}, tiled_mma);
+  auto thr_copy_k = copy_k.get_thread_slice(tid);
+  Tensor tSsK = thr_copy_k.partition_S(sK);
+  auto copy_v = make_tiled_copy_B(typename Kt::SmemCopyAtomTransposed{}, tiled_mma);
+  auto thr_copy_v = copy_v.get_thread_slice(tid);
+  Tensor tOsVt = thr_copy_v.partition_S(sVt);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_o[kDFrags];
-#pragma unroll
-  for (int d = 0; d < kDFrags; ++d) wmma::fill_fragment(acc_o[d], 0.f);
+  // (row, col) of each of this thread's score elements, in the row-major view.
+  Tensor coord_s = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor coord_s_rc = make_tensor(coord_s.data(), rowcol_layout(coord_s.layout()));
+  constexpr int kRows = decltype(size<0>(coord_s_rc))::value;  // query rows this thread holds
+
+  float row_max[kRows];  // running max, log2 units
+  float row_sum[kRows];  // running sum of exp2(s - max) over this thread's columns only
+  int64_t row_pos[kRows];
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    row_max[i] = -INFINITY;
+    row_sum[i] = 0.f;
+    row_pos[i] = (row0 + int(get<0>(coord_s_rc(i, 0)))) % L;  // garbage rows past n_rows are never stored
+  }
 
   for (int n0 = n_begin; n0 < n_end; n0 += kBlockN) {
-    __pipeline_wait_prior(0);  // K_j (and Q on the first pass) have landed
-    __syncthreads();           // ... for every thread; and all warps are done with V_{j-1}
-    copy_tile_async<T, kHeadDim, Cfg::kThreads>(smem_v, Cfg::kLdQKV, kBlockN, v_row(n0));
-    __pipeline_commit();
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    Arch::wait_all();    // K_j (and Q on the first pass) have landed for this thread
+    Arch::sync_block();  // ... for every thread; and every warp is done with V_{j-1}
+    load_v(n0);
+    Arch::commit();
 
-    if (warp_active) {
-      // S = Q K^T for this warp's 16 rows, one 16x16 tile of keys at a time.
-#pragma unroll
-      for (int j = 0; j < kNFrags; ++j) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_s;
-        wmma::fill_fragment(acc_s, 0.f);
-#pragma unroll
-        for (int d = 0; d < kDFrags; ++d) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // K^T: (d, key) at K[key][d]
-          wmma::load_matrix_sync(a, q_w + d * 16, Cfg::kLdQKV);
-          wmma::load_matrix_sync(b, smem_k + j * 16 * Cfg::kLdQKV + d * 16, Cfg::kLdQKV);
-          wmma::mma_sync(acc_s, a, b, acc_s);
-        }
-        wmma::store_matrix_sync(s_w + j * 16, acc_s, Cfg::kLdS, wmma::mem_row_major);
-      }
-      __syncwarp();
+    gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
 
-      // Online softmax over this tile, in the exp2 domain.
-      float s[kBlockN / 2];
+    // Scale (or softcap), mask, and fold the tile into the running softmax.
+    Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+    Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+    bool need_mask = n0 + kBlockN > keys;
+    if (kBounded) {  // does some row of this CTA lose a key of this tile to the window?
+      if (p.window_right >= 0) need_mask = need_mask || n0 + kBlockN - 1 > first_pos + diag + p.window_right;
+      if (p.window_left >= 0) need_mask = need_mask || n0 < last_pos + diag - p.window_left;
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < kRows; ++i) {
       float tile_max = -INFINITY;
-#pragma unroll
-      for (int c2 = 0; c2 < kBlockN / 2; ++c2) {
-        const int c = my_half + 2 * c2;
-        float x = s_w[my_row * Cfg::kLdS + c];
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        float x = s(i, j);
         x = p.has_softcap ? tanhf(x * p.softcap_in) * p.softcap_out_log2 : x * p.scale_log2;
-        const int64_t key = n0 + c;
-        bool keep = key < keys;
-        if (kBounded) {
-          const int64_t rel = key - (my_pos + diag);  // key position relative to the row's diagonal
-          if (p.window_right >= 0) keep = keep && rel <= p.window_right;
-          if (p.window_left >= 0) keep = keep && rel >= -int64_t(p.window_left);
+        if (need_mask) {
+          const int64_t key = n0 + int(get<1>(coord_s_rc(i, j)));
+          bool keep = key < keys;
+          if (kBounded) {
+            const int64_t rel = key - (row_pos[i] + diag);  // key position relative to the row's diagonal
+            if (p.window_right >= 0) keep = keep && rel <= p.window_right;
+            if (p.window_left >= 0) keep = keep && rel >= -int64_t(p.window_left);
+          }
+          x = keep ? x : -INFINITY;
         }
-        s[c2] = keep ? x : -INFINITY;
-        tile_max = fmaxf(tile_max, s[c2]);
+        s(i, j) = x;
+        tile_max = fmaxf(tile_max, x);
       }
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      const float m_new = fmaxf(m_i, tile_max);
+      tile_max = fmaxf(tile_max, Arch::shfl_xor(tile_max, 1));  // the quad shares the row
+      tile_max = fmaxf(tile_max, Arch::shfl_xor(tile_max, 2));
+      const float m_new = fmaxf(row_max[i], tile_max);
       const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
-      const float alpha = exp2f(m_i - m_safe);
+      const float alpha = exp2f(row_max[i] - m_safe);
       float tile_sum = 0.f;
-#pragma unroll
-      for (int c2 = 0; c2 < kBlockN / 2; ++c2) {
-        const float pr = exp2f(s[c2] - m_safe);
-        tile_sum += pr;  // the sum uses fp32 probabilities; P V uses them rounded to T
-        p_w[my_row * Cfg::kLdP + my_half + 2 * c2] = ElementTraits<Tag>::from_float(pr);
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        const float pr = exp2f(s(i, j) - m_safe);
+        s(i, j) = pr;
+        tile_sum += pr;  // the sum uses fp32 probabilities; P V uses them rounded to Element
       }
-      tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
-      l_i = l_i * alpha + tile_sum;
-      m_i = m_new;
-
-      // Rescale O by alpha: a 16x16 tile with alpha[r] across row r, in S's space
-      // (every lane has read its S values above).
-      __syncwarp();
-#pragma unroll
-      for (int c = 0; c < 8; ++c) s_w[my_row * Cfg::kLdS + my_half * 8 + c] = alpha;
-      __syncwarp();
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> alpha_frag;
-      wmma::load_matrix_sync(alpha_frag, s_w, Cfg::kLdS, wmma::mem_row_major);
-#pragma unroll
-      for (int d = 0; d < kDFrags; ++d) {
-#pragma unroll
-        for (int t = 0; t < alpha_frag.num_elements; ++t) acc_o[d].x[t] *= alpha_frag.x[t];
-      }
+      row_sum[i] = row_sum[i] * alpha + tile_sum;
+      row_max[i] = m_new;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(o); ++j) o(i, j) *= alpha;
     }
 
-    __pipeline_wait_prior(0);  // V_j has landed
-    __syncthreads();           // ... for every thread; and all warps are done reading K_j
-    if (n0 + kBlockN < n_end) {
-      copy_tile_async<T, kHeadDim, Cfg::kThreads>(smem_k, Cfg::kLdQKV, kBlockN, k_row(n0 + kBlockN));
-    }
-    __pipeline_commit();
+    // P in the input dtype, in the registers' A-operand view.
+    Tensor p_frag = make_tensor<Element>(acc_s.layout());
+    convert_fragment(acc_s, p_frag);
+    Tensor tOrP = make_tensor(p_frag.data(), acc_as_a_layout(p_frag.layout()));
 
-    if (warp_active) {
-      // O += P V
-#pragma unroll
-      for (int d = 0; d < kDFrags; ++d) {
-#pragma unroll
-        for (int j = 0; j < kNFrags; ++j) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(a, p_w + j * 16, Cfg::kLdP);
-          wmma::load_matrix_sync(b, smem_v + j * 16 * Cfg::kLdQKV + d * 16, Cfg::kLdQKV);
-          wmma::mma_sync(acc_o[d], a, b, acc_o[d]);
-        }
-      }
+    Arch::wait_all();    // V_j has landed
+    Arch::sync_block();  // ... for every thread; and every warp is done reading K_j
+    if (n0 + kBlockN < n_end) load_k(n0 + kBlockN);
+    Arch::commit();
+
+    gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, copy_v, thr_copy_v);
+  }
+
+  // Epilogue. Rows with no visible key: out 0, lse +inf (-inf for a split's partial
+  // result, so the merge gives it zero weight).
+  Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
+  Tensor coord_o = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor coord_o_rc = make_tensor(coord_o.data(), rowcol_layout(coord_o.layout()));
+  float row_lse[kRows];
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    float sum = row_sum[i];
+    sum += Arch::shfl_xor(sum, 1);
+    sum += Arch::shfl_xor(sum, 2);
+    const bool empty = sum == 0.f;
+    const float inv = empty ? 0.f : 1.f / sum;
+    row_lse[i] = empty ? (p.num_splits > 1 ? -INFINITY : INFINITY) : (row_max[i] + log2f(sum)) * kLn2;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(o); ++j) o(i, j) *= inv;
+  }
+
+  // The thread holding column 0 of a row writes its log-sum-exp.
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    const int row = row0 + int(get<0>(coord_o_rc(i, 0)));
+    if (int(get<1>(coord_o_rc(i, 0))) != 0 || row >= n_rows) continue;
+    const int head = kv_head * group + row / L;
+    const int pos = row % L;
+    if (p.num_splits > 1) {
+      p.lse_accum[((int64_t(split) * p.batch + batch) * p.heads_q + head) * L + pos] = row_lse[i];
+    } else {
+      p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + pos] = row_lse[i];
     }
   }
 
-  // Epilogue: stage O through shared memory (reusing the tiles' space), then each lane
-  // pair writes its row divided by l. Rows with no visible key: out 0, lse +inf
-  // (-inf for a split's partial result, so the merge gives it zero weight).
-  __pipeline_wait_prior(0);
-  __syncthreads();
-  float* o_w = reinterpret_cast<float*>(smem_raw) + warp * 16 * Cfg::kLdO;
-#pragma unroll
-  for (int d = 0; d < kDFrags; ++d) wmma::store_matrix_sync(o_w + d * 16, acc_o[d], Cfg::kLdO, wmma::mem_row_major);
-  __syncwarp();
-  if (my_packed_row >= n_rows) return;
-
-  const int head = kv_head * group + my_packed_row / L;
-  const bool empty = l_i == 0.f;
-  const float inv_l = empty ? 0.f : 1.f / l_i;
-  const float* o_row = o_w + my_row * Cfg::kLdO;
-  if (p.num_splits > 1) {
-    const int64_t row_index = ((int64_t(split) * p.batch + batch) * p.heads_q + head) * L + my_pos;
-    float* dst = p.out_accum + row_index * kHeadDim;
-    for (int c = my_half; c < kHeadDim; c += 2) dst[c] = o_row[c] * inv_l;
-    if (my_half == 0) p.lse_accum[row_index] = empty ? -INFINITY : (m_i + log2f(l_i)) * kLn2;
-  } else {
-    T* dst = static_cast<T*>(p.out) + batch * p.o_batch_stride + head * p.o_head_stride + my_pos * p.o_row_stride;
-    for (int chunk = my_half; chunk < kHeadDim / 8; chunk += 2) {
-      alignas(16) T vals[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) vals[e] = ElementTraits<Tag>::from_float(o_row[chunk * 8 + e] * inv_l);
-      *reinterpret_cast<uint4*>(dst + chunk * 8) = *reinterpret_cast<const uint4*>(vals);
+  if (p.num_splits > 1) {  // fp32 partial results, straight from the registers
+    CUTE_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const int row = row0 + int(get<0>(coord_o_rc(i, 0)));
+      if (row >= n_rows) continue;
+      const int head = kv_head * group + row / L;
+      float* dst = p.out_accum + (((int64_t(split) * p.batch + batch) * p.heads_q + head) * L + row % L) * kHeadDim;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(o); ++j) dst[int(get<1>(coord_o_rc(i, j)))] = o(i, j);
     }
-    if (my_half == 0) {
-      p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + my_pos] =
-          empty ? INFINITY : (m_i + log2f(l_i)) * kLn2;
+    return;
+  }
+
+  // Stage O (input dtype) through shared memory in sQ's layout, then copy whole rows out
+  // in 16-byte chunks.
+  Arch::wait_all();
+  Arch::sync_block();  // every warp is done with sQ/sK/sV
+  CUTE_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(o); ++j) {
+      sQ(int(get<0>(coord_o_rc(i, j))), int(get<1>(coord_o_rc(i, j)))) = Element(o(i, j));
     }
   }
+  Arch::sync_block();
+  constexpr int kChunks = kHeadDim / 8;
+  CUTE_UNROLL
+  for (int k = 0; k < kBlockM * kChunks / Kt::kThreads; ++k) {
+    const int c = tid + k * Kt::kThreads;
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    const int row = row0 + r;
+    if (row >= n_rows) continue;
+    const int head = kv_head * group + row / L;
+    Element* dst = static_cast<Element*>(p.out) + batch * p.o_batch_stride + head * p.o_head_stride +
+                   int64_t(row % L) * p.o_row_stride + col;
+    *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&sQ(r, col));
+  }
+}
+
+#if defined(__CUDACC__)
+template <typename Tag, int kHeadDim, bool kBounded>
+__global__ void __launch_bounds__(FwdTraits<Tag, kHeadDim, DeviceArch>::kThreads)
+flash_fwd_kernel(const FwdParams p) {
+  extern __shared__ __align__(128) char smem[];
+  flash_fwd_block<FwdTraits<Tag, kHeadDim, DeviceArch>, kBounded, DeviceArch>(p, smem, threadIdx.x, blockIdx.x,
+                                                                               blockIdx.y, blockIdx.z);
 }
 
 template <typename Tag, int kHeadDim, bool kBounded>
 void launch_flash_fwd(const FwdParams& params, cudaStream_t stream) {
-  using Cfg = FwdConfig<kHeadDim>;
+  using Kt = FwdTraits<Tag, kHeadDim, DeviceArch>;
   auto kernel = flash_fwd_kernel<Tag, kHeadDim, kBounded>;
   // Above 48 KB of dynamic shared memory must be asked for (per device; cheap to repeat).
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kt::kSmemBytes);
   const int rows = (params.heads_q / params.heads_kv) * params.seqlen_q;
-  const dim3 grid(params.batch * params.heads_kv, (rows + Cfg::kBlockM - 1) / Cfg::kBlockM, params.num_splits);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(params);
+  const dim3 grid(params.batch * params.heads_kv, (rows + Kt::kBlockM - 1) / Kt::kBlockM, params.num_splits);
+  kernel<<<grid, Kt::kThreads, Kt::kSmemBytes, stream>>>(params);
 }
+#endif
 
 }  // namespace fastattn
 

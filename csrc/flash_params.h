@@ -60,8 +60,10 @@ void launch_flash_fwd(const FwdParams& params, cudaStream_t stream);
 template <typename Element>
 void launch_flash_combine(const FwdParams& params, int head_dim, cudaStream_t stream);
 
-// Kernel geometry, needed by the host side to choose the number of splits.
-constexpr int kBlockM = 64;  // query rows per CTA: 4 warps x 16 rows
-constexpr int block_n_for(int head_dim) { return head_dim <= 128 ? 64 : 32; }
+// Kernel geometry, needed by the host side to choose the number of splits (and by
+// the kernel's traits in flash_fwd_kernel.cuh).
+constexpr int kBlockM = 128;  // query rows per CTA
+constexpr int block_n_for(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+constexpr int warps_for(int head_dim) { return head_dim <= 128 ? 4 : 8; }
 
 }  // namespace fastattn

@@ -52,6 +52,7 @@ ENV_ARCHS = "FASTATTN_CUDA_ARCHS"
 ENV_HEAD_DIMS = "FASTATTN_CUDA_HEAD_DIMS"
 ENV_JIT = "FASTATTN_CUDA_JIT"
 ENV_CACHE = "FASTATTN_CACHE_DIR"
+ENV_CUTLASS = "FASTATTN_CUTLASS_DIR"
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -131,11 +132,17 @@ def sources(head_dims: Sequence[int]) -> list[Path]:
     return units
 
 
-def compile_flags(archs: Sequence[str], head_dims: Sequence[int]) -> tuple[list[str], list[str]]:
+def compile_flags(archs: Sequence[str], head_dims: Sequence[int], cutlass_include: str) -> tuple[list[str], list[str]]:
     """(host compiler flags, nvcc flags)."""
     defines = [f"-DFASTATTN_HDIM_{d}" for d in head_dims]
     cxx = ["-O3", *defines]  # the C++ standard is torch's choice (C++20 for torch 2.14)
-    nvcc = ["-O3", "-lineinfo", *defines, *arch_flags(archs)]
+    nvcc = ["-O3", "-lineinfo", "-DNDEBUG", *defines, f"-I{cutlass_include}",
+            "--expt-relaxed-constexpr",  # CuTe calls constexpr host functions from device code
+            # torch compiles extensions with the CUDA half/bfloat16 operators switched off;
+            # CUTLASS's numeric types use them
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            *arch_flags(archs)]
     return cxx, nvcc
 
 
@@ -185,6 +192,42 @@ def _use_cuda_home(root: str) -> None:
     import torch.utils.cpp_extension as cpp_extension
 
     cpp_extension.CUDA_HOME = root
+
+
+def _is_cutlass_include(path: Path) -> bool:
+    return (path / "cute" / "tensor.hpp").is_file() and (path / "cutlass" / "numeric_types.h").is_file()
+
+
+def find_cutlass_include() -> tuple[Optional[str], list[str]]:
+    """The CUTLASS/CuTe include directory (with cute/tensor.hpp), and the places tried:
+    $FASTATTN_CUTLASS_DIR (the include directory or a CUTLASS checkout), $CUTLASS_PATH,
+    then the headers shipped in the ``nvidia-cutlass`` package (``pip install
+    nvidia-cutlass``; found without importing it)."""
+    import importlib.util
+
+    candidates: list[Path] = []
+    for var in (ENV_CUTLASS, "CUTLASS_PATH"):
+        if os.environ.get(var):
+            candidates += [Path(os.environ[var]), Path(os.environ[var]) / "include"]
+    try:
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidates.append(Path(location) / "source" / "include")
+    for path in candidates:
+        if _is_cutlass_include(path):
+            return str(path.resolve()), [str(c) for c in candidates]
+    return None, [str(c) for c in candidates]
+
+
+def cutlass_include_or_raise() -> str:
+    path, tried = find_cutlass_include()
+    if path is None:
+        where = f" (tried {', '.join(tried)})" if tried else ""
+        raise BuildError(f"the CUTLASS/CuTe headers were not found{where}; `pip install nvidia-cutlass` ships "
+                         f"them, or set {ENV_CUTLASS} to a CUTLASS include directory")
+    return path
 
 
 # --------------------------------------------------------------------------- cache
@@ -264,6 +307,7 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
                          f"{', '.join(tried)}; install the CUDA toolkit matching torch's CUDA {torch.version.cuda} "
                          "and set CUDA_HOME to its root")
     _use_cuda_home(root)  # before anything imports torch.utils.cpp_extension (it reads CUDA_HOME once)
+    cutlass_include = cutlass_include_or_raise()
     if not _has_ninja():
         raise BuildError("ninja not found; install it with `pip install ninja`")
 
@@ -280,7 +324,7 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
                   file=sys.stderr, flush=True)
             start = time.monotonic()
             try:
-                _compile(directory, archs, head_dims, verbose=verbose, jobs=jobs)
+                _compile(directory, archs, head_dims, cutlass_include, verbose=verbose, jobs=jobs)
             except Exception as exc:
                 reason = f"building the CUDA extension failed ({type(exc).__name__}): {_tail(str(exc))}"
                 failed.write_text(reason + "\n")
@@ -301,12 +345,12 @@ def _has_ninja() -> bool:
         return False
 
 
-def _compile(directory: Path, archs: Sequence[str], head_dims: Sequence[int], *, verbose: bool,
-             jobs: Optional[int]) -> None:
+def _compile(directory: Path, archs: Sequence[str], head_dims: Sequence[int], cutlass_include: str, *,
+             verbose: bool, jobs: Optional[int]) -> None:
     """Run torch's ninja-based builder (MAX_JOBS limits ninja's parallelism)."""
     from torch.utils import cpp_extension
 
-    cxx, nvcc = compile_flags(archs, head_dims)
+    cxx, nvcc = compile_flags(archs, head_dims, cutlass_include)
     if jobs:
         os.environ["MAX_JOBS"] = str(jobs)
     cpp_extension.load(

@@ -67,8 +67,10 @@ def priority(features: Features) -> list[str]:
     once prefill with padding is measured too.) Older GPUs are not measured yet:
     ``triton`` first there.
 
-    ``cuda`` (the CUDA C++ kernel) comes after ``triton``: measured at 76-93 TFLOP/s
-    and 42% of copy bandwidth for decode, it serves installs without Triton.
+    ``cuda`` (the CUDA C++ kernel) comes after ``triton``: its first (wmma) version
+    measured 76-93 TFLOP/s and 42% of copy bandwidth for decode; the CuTe rewrite
+    (FlashAttention-2's design) is not measured yet. Until it is, it serves installs
+    without Triton and calls that force it.
 
     ``sdpa`` last otherwise: it runs everything, so a call never fails for lack of a kernel.
     """

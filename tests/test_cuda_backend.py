@@ -134,10 +134,28 @@ def test_missing_nvcc_is_a_reason(fresh_extension, monkeypatch):
     assert CudaBackend().availability() == [f"the CUDA extension is not available: {status.reason}"]
 
 
+def test_missing_cutlass_headers_are_a_reason(fresh_extension, monkeypatch):
+    monkeypatch.setattr(_extension, "find_cuda_home", lambda: ("/usr/local/cuda", []))
+    monkeypatch.setattr(_extension, "_use_cuda_home", lambda root: None)
+    monkeypatch.setattr(_extension, "find_cutlass_include", lambda: (None, ["/opt/cutlass/include"]))
+    status = _extension.load(build=True)
+    assert not status.loaded
+    assert "CUTLASS/CuTe headers were not found (tried /opt/cutlass/include)" in status.reason
+    assert "pip install nvidia-cutlass" in status.reason
+
+
+def test_cutlass_headers_found_from_the_environment(monkeypatch, tmp_path):
+    for sub in ("cute/tensor.hpp", "cutlass/numeric_types.h"):
+        (tmp_path / "include" / sub).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "include" / sub).write_text("")
+    monkeypatch.setenv("FASTATTN_CUTLASS_DIR", str(tmp_path))  # a checkout: include/ below it
+    assert _extension.find_cutlass_include()[0] == str((tmp_path / "include").resolve())
+
+
 def test_compile_error_is_a_reason_logged_once_and_cached(fresh_extension, monkeypatch, tmp_path, caplog):
     calls = []
 
-    def broken_compile(directory, archs, head_dims, **kwargs):
+    def broken_compile(directory, archs, head_dims, cutlass_include, **kwargs):
         calls.append(archs)
         raise RuntimeError("Error building extension 'fastattn_cuda'\nflash_api.cpp:1: error: boom")
 

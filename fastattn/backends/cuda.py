@@ -50,7 +50,7 @@ def prepare(t: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 class CudaBackend(Backend):
     name = "cuda"
-    description = ("CUDA C++ flash-attention forward (csrc/, tensor cores via wmma, sm80+): fp16/bf16, head dims "
+    description = ("CUDA C++ flash-attention forward (csrc/, CuTe tensor-core MMA, sm80+): fp16/bf16, head dims "
                    "<= 256 (compiled 64/96/128/256, others padded), GQA/MQA, causal (both alignments), windows, "
                    "softcap, split-KV decode")
     dtypes = HALF_DTYPES
