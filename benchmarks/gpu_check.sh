@@ -5,7 +5,8 @@
 #
 # Run from the repository root. Needs only the GPU image's packages (torch, triton,
 # matplotlib, pytest, pytest-xdist); wheels placed in .whl/ are installed first
-# (no network). Stages, each under `timeout` and all under one deadline, so that a
+# (no network). The CUDA build needs two that the image lacks: put them there with
+# `pip download --no-deps -d .whl ninja nvidia-cutlass` (CUTLASS/CuTe headers, 6 MB). Stages, each under `timeout` and all under one deadline, so that a
 # slow stage cannot eat the others' time; a failing stage is recorded and the
 # check goes on:
 #   install   pip install --no-deps --no-build-isolation -e . (PYTHONPATH is set anyway)

@@ -327,14 +327,20 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
 
   float row_max[kRows];  // running max, log2 units
   float row_sum[kRows];  // running sum of exp2(s - max) over this thread's columns only
-  int64_t row_pos[kRows];
   CUTE_UNROLL
   for (int i = 0; i < kRows; ++i) {
     row_max[i] = -INFINITY;
     row_sum[i] = 0.f;
-    row_pos[i] = (row0 + int(get<0>(coord_s_rc(i, 0)))) % L;  // garbage rows past n_rows are never stored
   }
 
+  // Tiles that need per-element checks: those past mask_after (they reach the end of the
+  // keys, or past some row's right window bound) and those before mask_before (some row's
+  // left window bound falls inside). The rest are visible to every row of the CTA.
+  int64_t mask_after = int64_t(keys) - kBlockN, mask_before = INT64_MIN;
+  if (kBounded) {
+    if (p.window_right >= 0) mask_after = cute::min(mask_after, first_pos + diag + p.window_right - kBlockN + 1);
+    if (p.window_left >= 0) mask_before = last_pos + diag - p.window_left;
+  }
   for (int n0 = n_begin; n0 < n_end; n0 += kBlockN) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
@@ -348,14 +354,12 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
     // Scale (or softcap), mask, and fold the tile into the running softmax.
     Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
-    bool need_mask = n0 + kBlockN > keys;
-    if (kBounded) {  // does some row of this CTA lose a key of this tile to the window?
-      if (p.window_right >= 0) need_mask = need_mask || n0 + kBlockN - 1 > first_pos + diag + p.window_right;
-      if (p.window_left >= 0) need_mask = need_mask || n0 < last_pos + diag - p.window_left;
-    }
+    const bool need_mask = n0 > mask_after || n0 < mask_before;
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
       float tile_max = -INFINITY;
+      // The row's diagonal: its query position (rows past n_rows are computed, never stored).
+      const int64_t row_diag = need_mask ? (row0 + int(get<0>(coord_s_rc(i, 0)))) % L + diag : 0;
       CUTE_UNROLL
       for (int j = 0; j < size<1>(s); ++j) {
         float x = s(i, j);
@@ -364,7 +368,7 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
           const int64_t key = n0 + int(get<1>(coord_s_rc(i, j)));
           bool keep = key < keys;
           if (kBounded) {
-            const int64_t rel = key - (row_pos[i] + diag);  // key position relative to the row's diagonal
+            const int64_t rel = key - row_diag;  // key position relative to the row's diagonal
             if (p.window_right >= 0) keep = keep && rel <= p.window_right;
             if (p.window_left >= 0) keep = keep && rel >= -int64_t(p.window_left);
           }

@@ -386,19 +386,51 @@ def test_per_batch_key_lengths(lower_right, mark):
         torch.testing.assert_close(lse[b:b + 1], ref_lse.float(), atol=2e-3, rtol=1e-3)
 
 
+# Bad inputs for the raw op, each with the message its TORCH_CHECK must give. Run in a
+# child process: on the H100 (torch 2.11) one of these calls once crashed the process
+# (a segfault, cause not found), and a crash must fail this test with a native
+# backtrace rather than take the test worker down.
+_CPP_CHECK_CHILD = r"""
+import json, torch
+from fastattn import _extension
+status = _extension.load()
+assert status.loaded, status.reason
+cases = {
+    "dtype": lambda: (torch.randn(1, 2, 8, 64, device="cuda"),) * 3,
+    "last_dim": lambda: (torch.randn(1, 2, 8, 128, device="cuda", dtype=torch.float16)[..., ::2],) * 3,
+    "heads": lambda: (torch.randn(1, 3, 8, 64, device="cuda", dtype=torch.float16),
+                      *(torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float16),) * 2),
+}
+for name, make in cases.items():
+    print("calling", name, flush=True)
+    try:
+        torch.ops.fastattn.fwd(*make(), 0.125)
+        print(json.dumps([name, None]), flush=True)
+    except RuntimeError as exc:
+        print(json.dumps([name, str(exc).splitlines()[0]]), flush=True)
+"""
+
+
 @pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
 def test_cpp_checks_repeat_the_reasons(mark):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
     _require_extension()
-    q = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float32)
-    with pytest.raises(RuntimeError, match=r"is not supported \(supported: float16, bfloat16\)"):
-        torch.ops.fastattn.fwd(q, q, q, 0.125)
-    q = torch.randn(1, 2, 8, 128, device="cuda", dtype=torch.float16)[..., ::2]
-    with pytest.raises(RuntimeError, match=r"the last dim of q, k and v must be contiguous"):
-        torch.ops.fastattn.fwd(q, q, q, 0.125)
-    q = torch.randn(1, 3, 8, 64, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match=r"must be a multiple of the number of key/value heads"):
-        torch.ops.fastattn.fwd(q, k, k, 0.125)
+    command = [sys.executable, "-X", "faulthandler", "-c", _CPP_CHECK_CHILD]
+    if shutil.which("gdb"):  # a native backtrace if it crashes
+        command = ["gdb", "-q", "-batch", "-return-child-result", "-ex", "run", "-ex", "bt", "--args", *command]
+    env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1", FASTATTN_CUDA_JIT="0")
+    child = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    messages = dict(json.loads(line) for line in child.stdout.splitlines() if line.startswith("["))
+    assert child.returncode == 0 and len(messages) == 3, (
+        f"the op crashed (exit {child.returncode}):\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}")
+    assert "is not supported (supported: float16, bfloat16)" in (messages["dtype"] or "")
+    assert "the last dim of q, k and v must be contiguous" in (messages["last_dim"] or "")
+    assert "must be a multiple of the number of key/value heads" in (messages["heads"] or "")
 
 
 @pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
