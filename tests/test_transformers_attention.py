@@ -243,6 +243,36 @@ def test_mask_function_same_values_as_sdpa_mask():
     assert m.shape == (2, 1, 7, 7) and m.stride(2) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("L, S, q_offset, kv_offset", [
+    (7, 7, 0, 0),    # prefill with left padding
+    (3, 8, 5, 0),    # chunked prefill after 5 cached tokens (diagonal at S - L)
+    (3, 10, 5, 0),   # static cache: keys past the queries are not filled yet (diagonal 5, not S - L)
+    (2, 6, 9, 4),    # a cache window that starts at position 4
+])
+def test_causal_padding_mask_runs_compact_with_the_same_result(L, S, q_offset, kv_offset, dtype):
+    """A causal mask with padding reaches the kernel as causal + one padding row per batch
+    (blocks above the diagonal skipped, no (L, S) mask read), with the full mask's result."""
+    pad = torch.ones(2, kv_offset + S, dtype=torch.bool, device=DEVICE)
+    pad[0, :kv_offset + 3] = False  # left padding
+    args = dict(batch_size=2, q_length=L, kv_length=S, q_offset=q_offset, kv_offset=kv_offset, attention_mask=pad,
+                device=DEVICE)
+    mask = hf.mask_function(**args)
+    assert torch.equal(mask, masking_utils.sdpa_mask(**args))
+    module = FakeAttention()
+    q, k, v = qkv(L=L, S=S, D=32, dtype=dtype)
+    call = hf._build_call(module, q, k, v, mask, 0.0, 0.3, {})
+    assert call.mask.shape == (2, 1, 1, S) and call.key_bounds == (-1, q_offset - kv_offset) and not call.lower_right
+    full = mask.clone()  # a copy (as a device_map move makes) is read as the full mask
+    assert hf._build_call(module, q, k, v, full, 0.0, 0.3, {}).mask.shape == (2, 1, L, S)
+    with fastattn.use_backend("auto" if dtype == torch.float32 else "triton"):
+        out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+        ref, _ = hf.attention_forward(module, q, k, v, full, scaling=0.3)
+    keep = full.any(-1)[:, 0]  # rows that see a key
+    assert_same(out, ref, keep, tol=1e-5 if dtype == torch.float32 else 2e-3)
+    assert torch.count_nonzero(out[~keep]) == 0 and torch.count_nonzero(ref[~keep]) == 0
+
+
 # --------------------------------------------------------------------------- patch / unpatch
 
 

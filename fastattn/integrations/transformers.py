@@ -156,12 +156,15 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     is_causal = kwargs.get("is_causal")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = attention_mask
+    compact = None if kwargs.get("position_bias") is not None else _compact_causal_padding(mask, query.shape[0], L, S)
+    if compact is not None:  # the same visibility as the full mask; the kernel skips what causal rules out
+        mask, diag = compact
     # As Transformers' SDPA path: causal only with no mask (a mask already holds the
     # causal pattern) and never for one query (decoding sees every cached key). With
     # no mask and more keys than queries (prefill into an empty static cache) the
     # alignment stays top-left, as SDPA's: the keys past the queries are not filled yet.
     causal = bool(is_causal) and L > 1 and mask is None
-    window = (-1, -1)
+    window = (-1, -1) if compact is None else (-1, diag)  # top-left: key j visible when j <= i + diag
     sliding_window = kwargs.get("sliding_window")
     if causal and sliding_window is not None and sliding_window > 0:
         # Transformers' window includes the current token: kv_idx > q_idx - W, i.e. W - 1 keys to the left.
@@ -242,6 +245,23 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 # --------------------------------------------------------------------------- the mask function
 
 
+# A causal mask with padding, as Transformers builds it (B, 1, L, S), also carries what it
+# is made of: the (B, S) key padding and the diagonal. attention_forward runs that form
+# (causal in the kernel, which skips the blocks above the diagonal, and one mask row per
+# batch) when it gets this very tensor; a copy (a device_map move, a slice) is read as
+# the full mask it is.
+_CAUSAL_PADDING = "_fastattn_causal_padding"
+
+
+def _padding_row(attention_mask: torch.Tensor, kv_offset: int, kv_length: int, device) -> torch.Tensor:
+    """(B, kv_length) bool: the 2-D padding mask for keys kv_offset.., padded with False."""
+    padding = attention_mask.to(device=device, dtype=torch.bool)
+    short = kv_offset + kv_length - padding.shape[-1]
+    if short > 0:
+        padding = torch.nn.functional.pad(padding, (0, short))
+    return padding[:, kv_offset:kv_offset + kv_length]
+
+
 def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                   mask_function=None, attention_mask: Optional[torch.Tensor] = None, local_size=None,
                   allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False,
@@ -249,25 +269,43 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     """The mask for ``attn_implementation="fastattn"``: exactly Transformers' ``sdpa_mask``
     (None where SDPA would use ``is_causal``, else a (B, 1, L, S) bool mask), except that a
     plain bidirectional padding mask is returned as a stride-0 view of the (B, S) padding
-    instead of a materialized (B, 1, L, S) tensor (same values; the kernel reads it as is)."""
+    instead of a materialized (B, 1, L, S) tensor (same values; the kernel reads it as is),
+    and a plain causal mask with padding carries its compact form (see ``_CAUSAL_PADDING``)."""
     from transformers import masking_utils
 
     factory = masking_utils.causal_mask_function if mask_function is None else mask_function
-    if (factory is masking_utils.bidirectional_mask_function and not use_vmap and local_size is None
-            and attention_mask is not None and attention_mask.dim() == 2 and not torch.compiler.is_compiling()):
-        padding = attention_mask.to(device=device, dtype=torch.bool)
-        short = kv_offset + kv_length - padding.shape[-1]
-        if short > 0:
-            padding = torch.nn.functional.pad(padding, (0, short))
-        padding = padding[:, kv_offset:kv_offset + kv_length]
+    plain = (not use_vmap and local_size is None and attention_mask is not None and attention_mask.dim() == 2
+             and not torch.compiler.is_compiling())
+    if plain and factory is masking_utils.bidirectional_mask_function:
+        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
         if allow_is_bidirectional_skip and bool(padding.all()):
             return None
         return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
-    return masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+    mask = masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                                    kv_offset=kv_offset, mask_function=factory, attention_mask=attention_mask,
                                    local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
                                    allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
                                    device=device, **kwargs)
+    if plain and factory is masking_utils.causal_mask_function and mask is not None:
+        # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
+        # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset).
+        setattr(mask, _CAUSAL_PADDING, (_padding_row(attention_mask, kv_offset, kv_length, device),
+                                        int(q_offset) - int(kv_offset)))
+    return mask
+
+
+def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int):
+    """(key padding (B, 1, 1, S), diagonal) when ``mask`` is one that :func:`mask_function`
+    built for these sizes, else None."""
+    if mask is None or torch.compiler.is_compiling():
+        return None
+    compact = getattr(mask, _CAUSAL_PADDING, None)
+    if compact is None or tuple(mask.shape[-2:]) != (L, S):
+        return None
+    padding, diag = compact
+    if tuple(padding.shape) != (B, S) or padding.device != mask.device or diag < 0:  # -1 would mean unbounded
+        return None
+    return padding[:, None, None, :], diag
 
 
 # --------------------------------------------------------------------------- registration
