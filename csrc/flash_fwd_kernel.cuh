@@ -77,6 +77,13 @@ struct DeviceArch {
   static __device__ __forceinline__ float shfl_xor(float x, int lane_mask) {
     return __shfl_xor_sync(0xffffffffu, x, lane_mask);
   }
+  // 2^x in one MUFU.EX2 (exp2f without fast-math adds a range fix-up around it);
+  // exp2(-inf) = 0, as the softmax needs.
+  static __device__ __forceinline__ float exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+  }
 };
 #endif
 
@@ -118,6 +125,7 @@ struct FwdTraits {
   static constexpr int kKVElems = kBlockN * kHeadDim;
   static constexpr int kSmemBytes = (kQElems + 2 * kKVElems) * int(sizeof(Element));
 
+  static_assert(kSmemBytes == smem_bytes_for(kHeadDim), "the host's view of shared memory must match");
   static_assert(kHeadDim % 32 == 0, "head dim must be a multiple of 32 (swizzle atom)");
   static_assert(kBlockM % (16 * kWarps) == 0, "the warps must tile the query rows");
 };
@@ -216,8 +224,7 @@ CUTE_HOST_DEVICE void load_rows(SmemTensor& s, int tid, RowPtr row_ptr) {
     if (src != nullptr) {
       Arch::copy_async_16(dst, src + col);
     } else {
-      CUTE_UNROLL
-      for (int e = 0; e < 8; ++e) dst[e] = Element(0.f);
+      *reinterpret_cast<cute::uint128_t*>(dst) = cute::uint128_t{};
     }
   }
 }
@@ -281,13 +288,15 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
   Tensor sV = make_tensor(make_smem_ptr(smem_q + Kt::kQElems + Kt::kKVElems), typename Kt::SmemLayoutKV{});
   Tensor sVt = make_tensor(sV.data(), typename Kt::SmemLayoutVt{});
 
-  // Query tile: packed row r -> (query head, position).
-  load_rows<Arch, kHeadDim, Kt::kThreads, kBlockM>(sQ, tid, [&](int r) -> const Element* {
-    const int row = row0 + r;
-    if (row >= n_rows) return nullptr;
-    const int head = kv_head * group + row / L;
-    return q_base + head * p.q_head_stride + int64_t(row % L) * p.q_row_stride;
-  });
+  // Query tile: packed row r -> (query head, position). Not needed when no key is visible.
+  if (n_begin < n_end) {
+    load_rows<Arch, kHeadDim, Kt::kThreads, kBlockM>(sQ, tid, [&](int r) -> const Element* {
+      const int row = row0 + r;
+      if (row >= n_rows) return nullptr;
+      const int head = kv_head * group + row / L;
+      return q_base + head * p.q_head_stride + int64_t(row % L) * p.q_row_stride;
+    });
+  }
   const int64_t k_row_stride = p.k_row_stride, v_row_stride = p.v_row_stride;
   auto load_k = [&](int n0) {
     load_rows<Arch, kHeadDim, Kt::kThreads, kBlockN>(sK, tid, [&](int r) -> const Element* {
@@ -357,35 +366,41 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
     const bool need_mask = n0 > mask_after || n0 < mask_before;
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
-      float tile_max = -INFINITY;
-      // The row's diagonal: its query position (rows past n_rows are computed, never stored).
-      const int64_t row_diag = need_mask ? (row0 + int(get<0>(coord_s_rc(i, 0)))) % L + diag : 0;
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) {
-        float x = s(i, j);
-        x = p.has_softcap ? tanhf(x * p.softcap_in) * p.softcap_out_log2 : x * p.scale_log2;
-        if (need_mask) {
-          const int64_t key = n0 + int(get<1>(coord_s_rc(i, j)));
-          bool keep = key < keys;
-          if (kBounded) {
-            const int64_t rel = key - row_diag;  // key position relative to the row's diagonal
-            if (p.window_right >= 0) keep = keep && rel <= p.window_right;
-            if (p.window_left >= 0) keep = keep && rel >= -int64_t(p.window_left);
-          }
-          x = keep ? x : -INFINITY;
-        }
-        s(i, j) = x;
-        tile_max = fmaxf(tile_max, x);
+      if (p.has_softcap) {  // a uniform branch, outside the element loop
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j) s(i, j) = tanhf(s(i, j) * p.softcap_in) * p.softcap_out_log2;
+      } else {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j) s(i, j) *= p.scale_log2;
       }
+      if (need_mask) {
+        // This row's visible keys, [lo, hi) relative to n0: the end of the keys and the
+        // window around the row's diagonal (rows past n_rows are computed, never stored).
+        const int64_t row_diag = (row0 + int(get<0>(coord_s_rc(i, 0)))) % L + diag;
+        int64_t lo = -n0, hi = int64_t(keys) - n0;
+        if (kBounded) {
+          if (p.window_right >= 0) hi = cute::min(hi, row_diag + p.window_right + 1 - n0);
+          if (p.window_left >= 0) lo = cute::max(lo, row_diag - p.window_left - n0);
+        }
+        const int col_lo = int(cute::max(lo, int64_t(0))), col_hi = int(cute::min(hi, int64_t(kBlockN)));
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j) {
+          const int col = int(get<1>(coord_s_rc(i, j)));
+          if (col < col_lo || col >= col_hi) s(i, j) = -INFINITY;
+        }
+      }
+      float tile_max = -INFINITY;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) tile_max = fmaxf(tile_max, s(i, j));
       tile_max = fmaxf(tile_max, Arch::shfl_xor(tile_max, 1));  // the quad shares the row
       tile_max = fmaxf(tile_max, Arch::shfl_xor(tile_max, 2));
       const float m_new = fmaxf(row_max[i], tile_max);
       const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet stays at 0
-      const float alpha = exp2f(row_max[i] - m_safe);
+      const float alpha = Arch::exp2(row_max[i] - m_safe);
       float tile_sum = 0.f;
       CUTE_UNROLL
       for (int j = 0; j < size<1>(s); ++j) {
-        const float pr = exp2f(s(i, j) - m_safe);
+        const float pr = Arch::exp2(s(i, j) - m_safe);
         s(i, j) = pr;
         tile_sum += pr;  // the sum uses fp32 probabilities; P V uses them rounded to Element
       }
@@ -457,11 +472,15 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
   // in 16-byte chunks.
   Arch::wait_all();
   Arch::sync_block();  // every warp is done with sQ/sK/sV
+  Tensor o_out = make_tensor<Element>(acc_o.layout());
+  convert_fragment(acc_o, o_out);
+  Tensor o_out_rc = make_tensor(o_out.data(), rowcol_layout(o_out.layout()));
   CUTE_UNROLL
   for (int i = 0; i < kRows; ++i) {
     CUTE_UNROLL
-    for (int j = 0; j < size<1>(o); ++j) {
-      sQ(int(get<0>(coord_o_rc(i, j))), int(get<1>(coord_o_rc(i, j)))) = Element(o(i, j));
+    for (int j = 0; j < size<1>(o); j += 2) {  // columns c, c + 1: one 4-byte store (a chunk is contiguous)
+      Element* dst = &sQ(int(get<0>(coord_o_rc(i, j))), int(get<1>(coord_o_rc(i, j))));
+      *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(&o_out_rc(i, j));
     }
   }
   Arch::sync_block();

@@ -65,5 +65,8 @@ void launch_flash_combine(const FwdParams& params, int head_dim, cudaStream_t st
 constexpr int kBlockM = 128;  // query rows per CTA
 constexpr int block_n_for(int head_dim) { return head_dim <= 64 ? 128 : 64; }
 constexpr int warps_for(int head_dim) { return head_dim <= 128 ? 4 : 8; }
+// Dynamic shared memory of one CTA: the Q tile and one K and one V tile (2-byte elements).
+// 128 KB at head dim 256: more than sm86/sm89 GPUs allow (99 KB), which the op refuses.
+constexpr int smem_bytes_for(int head_dim) { return (kBlockM + 2 * block_n_for(head_dim)) * head_dim * 2; }
 
 }  // namespace fastattn

@@ -21,6 +21,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -163,6 +164,7 @@ struct HostArch {
     t_lane->pending.clear();
   }
   static void sync_block() { t_lane->cta->barrier.wait(); }
+  static float exp2(float x) { return std::exp2(x); }
   static float shfl_xor(float x, int lane_mask) {
     Warp& w = t_lane->warp();
     w.x[t_lane->lane()] = x;
