@@ -273,6 +273,19 @@ def test_causal_padding_mask_runs_compact_with_the_same_result(L, S, q_offset, k
     assert torch.count_nonzero(out[~keep]) == 0 and torch.count_nonzero(ref[~keep]) == 0
 
 
+def test_causal_padding_mask_with_a_tensor_offset_stays_full():
+    """StaticCache hands the query offset over as a device tensor: reading it would
+    synchronize with the GPU, so that mask is used as the full mask it is."""
+    pad = torch.ones(2, 8, dtype=torch.bool, device=DEVICE)
+    pad[0, :3] = False
+    args = dict(batch_size=2, q_length=3, kv_length=8, q_offset=torch.tensor(2, device=DEVICE), kv_offset=0,
+                attention_mask=pad, device=DEVICE)
+    mask = hf.mask_function(**args)
+    assert torch.equal(mask, masking_utils.sdpa_mask(**args))
+    q, k, v = qkv(L=3, S=8)
+    assert hf._build_call(FakeAttention(), q, k, v, mask, 0.0, 0.3, {}).mask.shape == (2, 1, 3, 8)
+
+
 # --------------------------------------------------------------------------- patch / unpatch
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -286,7 +287,8 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
                                    local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
                                    allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
                                    device=device, **kwargs)
-    if plain and factory is masking_utils.causal_mask_function and mask is not None:
+    offsets_known = all(isinstance(x, numbers.Integral) for x in (q_offset, kv_offset))  # StaticCache: a GPU tensor
+    if plain and offsets_known and factory is masking_utils.causal_mask_function and mask is not None:
         # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
         # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset).
         setattr(mask, _CAUSAL_PADDING, (_padding_row(attention_mask, kv_offset, kv_length, device),
