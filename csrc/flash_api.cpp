@@ -1,5 +1,5 @@
 // The torch op: torch.ops.fastattn.fwd(q, k, v, scale, window_left, window_right,
-// lower_right, softcap, seqused_k, num_splits) -> (out, lse).
+// lower_right, softcap, seqused_k, num_splits, key_mask) -> (out, lse).
 //
 // Its checks repeat fastattn/backends/cuda.py's reasons with the same wording (a test
 // holds them together), so a call that reaches C++ by another route fails the same
@@ -112,7 +112,8 @@ void launch(const FwdParams& params, int head_dim, bool bounded, cudaStream_t st
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                        int64_t window_left, int64_t window_right, bool lower_right, double softcap,
-                                       const std::optional<at::Tensor>& seqused_k, int64_t num_splits) {
+                                       const std::optional<at::Tensor>& seqused_k, int64_t num_splits,
+                                       const std::optional<at::Tensor>& key_mask) {
   check_input(q, "q");
   check_input(k, "k");
   check_input(v, "v");
@@ -156,7 +157,9 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   auto [out, lse] = empty_outputs(q);
   if (B == 0 || Hq == 0 || L == 0) return {out, lse};
   check_seqused_k(seqused_k, q);
-  FwdParams p = make_params(q, k, v, out, lse, scale, window_left, window_right, lower_right, softcap, seqused_k);
+  check_key_mask(key_mask, q, k);
+  FwdParams p = make_params(q, k, v, out, lse, scale, window_left, window_right, lower_right, softcap, seqused_k,
+                            key_mask);
 
   const int64_t blocks = row_blocks(q, k);
   TORCH_CHECK(blocks <= 65535, "too many query rows per kv head for one launch (", (Hq / Hkv) * L, ")");
@@ -184,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 TORCH_LIBRARY(fastattn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left=-1, int window_right=-1, "
-      "bool lower_right=False, float softcap=0.0, Tensor? seqused_k=None, int num_splits=0) -> (Tensor, Tensor)");
+      "bool lower_right=False, float softcap=0.0, Tensor? seqused_k=None, int num_splits=0, Tensor? key_mask=None) "
+      "-> (Tensor, Tensor)");
   m.def("head_dims() -> int[]", &fastattn::compiled_head_dims);
   m.def("smem_bytes(int head_dim) -> int", [](int64_t head_dim) -> int64_t { return fastattn::smem_bytes_for(int(head_dim)); });
 }

@@ -32,10 +32,23 @@ inline void check_seqused_k(const std::optional<at::Tensor>& seqused_k, const at
               "seqused_k must be a contiguous (batch,) = (", q.size(0), ",) tensor, got shape ", used.sizes());
 }
 
+// key_mask: (batch or 1, seqlen_k) bool, keys contiguous.
+inline void check_key_mask(const std::optional<at::Tensor>& key_mask, const at::Tensor& q, const at::Tensor& k) {
+  if (!key_mask.has_value()) return;
+  const at::Tensor& m = *key_mask;
+  TORCH_CHECK(m.device() == q.device(), "key_mask must be on ", q.device(), ", got ", m.device());
+  TORCH_CHECK(m.scalar_type() == at::kBool, "key_mask must be bool (True = attend), got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 2 && (m.size(0) == q.size(0) || m.size(0) == 1) && m.size(1) == k.size(2) &&
+                  (m.stride(1) == 1 || m.size(1) <= 1),
+              "key_mask must be a (batch or 1, seqlen_k) = (", q.size(0), ", ", k.size(2),
+              ") bool tensor with contiguous keys, got shape ", m.sizes(), " strides ", m.strides());
+}
+
 // Everything but the split-KV fields (num_splits = 1).
 inline FwdParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                              const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right,
-                             bool lower_right, double softcap, const std::optional<at::Tensor>& seqused_k) {
+                             bool lower_right, double softcap, const std::optional<at::Tensor>& seqused_k,
+                             const std::optional<at::Tensor>& key_mask) {
   FwdParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -50,6 +63,8 @@ inline FwdParams make_params(const at::Tensor& q, const at::Tensor& k, const at:
   p.batch = int(q.size(0)), p.heads_q = int(q.size(1)), p.heads_kv = int(k.size(1));
   p.seqlen_q = int(q.size(2)), p.seqlen_k = int(k.size(2));
   p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
+  p.key_mask = key_mask.has_value() ? key_mask->data_ptr<bool>() : nullptr;
+  p.key_mask_batch_stride = key_mask.has_value() && key_mask->size(0) > 1 ? key_mask->stride(0) : 0;
   constexpr double kLog2e = 1.4426950408889634;
   p.has_softcap = softcap > 0;
   p.scale_log2 = float(scale * kLog2e);

@@ -28,6 +28,8 @@
 // reductions are two xor-shuffles.
 // Pipeline (FlashAttention-2): V_j is copied while S_j = Q K_j^T and its softmax are
 // computed, K_{j+1} while O += P_j V_j is.
+// Masking: causal/windows in both alignments and a bool key-padding row per batch, checked
+// per element only in the tiles that need it (the rest are visible to every row).
 // Split-KV: blockIdx.z picks a slice of the key tiles; partial results go to
 // out_accum/lse_accum and flash_fwd_combine.cu merges them.
 #pragma once
@@ -253,6 +255,7 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
   const int keys = p.seqused_k != nullptr ? cute::min(p.seqused_k[batch], p.seqlen_k) : p.seqlen_k;
   const int64_t diag = p.lower_right ? int64_t(keys) - L : 0;
 
+  const bool* key_mask = p.key_mask != nullptr ? p.key_mask + batch * p.key_mask_batch_stride : nullptr;
   const Element* q_base = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
   const Element* k_base =
       static_cast<const Element*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
@@ -363,7 +366,17 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
     // Scale (or softcap), mask, and fold the tile into the running softmax.
     Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     Tensor o = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));
-    const bool need_mask = n0 > mask_after || n0 < mask_before;
+    const bool need_mask = n0 > mask_after || n0 < mask_before || key_mask != nullptr;
+    // Key-padding flags of this thread's columns (the same for all its rows), one bit each.
+    uint32_t padding_bits = 0;
+    if (key_mask != nullptr) {
+      static_assert(decltype(size<1>(s))::value <= 32, "one bit per column");
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        const int key = n0 + int(get<1>(coord_s_rc(0, j)));
+        padding_bits |= uint32_t(key < keys && !key_mask[key]) << j;
+      }
+    }
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
       if (p.has_softcap) {  // a uniform branch, outside the element loop
@@ -386,7 +399,7 @@ CUTE_HOST_DEVICE void flash_fwd_block(const FwdParams& p, char* smem, int tid, i
         CUTE_UNROLL
         for (int j = 0; j < size<1>(s); ++j) {
           const int col = int(get<1>(coord_s_rc(i, j)));
-          if (col < col_lo || col >= col_hi) s(i, j) = -INFINITY;
+          if (col < col_lo || col >= col_hi || ((padding_bits >> j) & 1u)) s(i, j) = -INFINITY;
         }
       }
       float tile_max = -INFINITY;

@@ -33,6 +33,10 @@ struct FwdParams {
   // nullptr, or (B,) int32: keys in use per batch (<= seqlen_k); keys at or past it are
   // padding and never read. With lower_right the diagonal ends at the batch's own length.
   const int* seqused_k;
+  // nullptr, or a key-padding mask: key j of batch b is visible only where
+  // key_mask[b * key_mask_batch_stride + j] is true (bool bytes; batch stride 0 broadcasts).
+  const bool* key_mask;
+  int64_t key_mask_batch_stride;
 
   bool has_softcap;
   float scale_log2;        // scale * log2(e) (no softcap)

@@ -60,8 +60,8 @@ def load() -> None:
 
 
 def fwd(q, k, v, scale, window_left=-1, window_right=-1, lower_right=False, softcap=0.0, seqused_k=None,
-        num_splits=0, eager_copies=False):
+        num_splits=0, key_mask=None, eager_copies=False):
     """torch.ops.fastattn.fwd's contract on CPU tensors: (out, lse), plus (out_accum,
     lse_accum) with num_splits > 1."""
     return torch.ops.fastattn_emulated.fwd(q, k, v, scale, window_left, window_right, lower_right, softcap,
-                                           seqused_k, num_splits, eager_copies)
+                                           seqused_k, num_splits, key_mask, eager_copies)

@@ -64,6 +64,8 @@ SMEM_BYTES = {64: 48 * 1024, 96: 48 * 1024, 128: 64 * 1024, 256: 128 * 1024}
 
 def test_supported_features_have_no_reasons(loaded_extension):
     assert CudaBackend().not_supported_reasons(GOOD) == []
+    assert CudaBackend().not_supported_reasons(
+        dataclasses.replace(GOOD, mask_dtype=torch.bool, mask_key_padding=True)) == []  # one row per sequence
     for head_dim in (1, 59, 64, 96, 111, 200, 256):
         assert CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=head_dim, head_dim_v=64)) == []
 
@@ -75,8 +77,8 @@ def test_supported_features_have_no_reasons(loaded_extension):
     (dict(head_dim_v=512), "head_dim=512 is too large (supported: <= 256)"),
     (dict(empty=True), "an empty sequence or head dim"),
     (dict(last_dim_contiguous=False), "the last dim of q, k and v must be contiguous (stride 1)"),
-    (dict(mask_dtype=torch.bool), "an explicit attn_mask (torch.bool) is not supported"),
-    (dict(mask_dtype=torch.float16), "an explicit attn_mask (torch.float16) is not supported"),
+    (dict(mask_dtype=torch.bool), "an attn_mask (torch.bool) that varies over heads or query rows"),
+    (dict(mask_dtype=torch.float16, mask_key_padding=True), "an attn_mask (torch.float16) that varies over heads"),
     (dict(has_alibi=True), "ALiBi slopes are not supported"),
     (dict(dropout=True), "dropout_p > 0 is not supported"),
     (dict(has_sinks=True), "attention sinks are not supported"),
@@ -374,6 +376,28 @@ def test_decode_split_kv(L, S, heads, causal, splits, mark):
     call = from_flash_args(q, k, v, causal=causal, return_lse=True)
     out, lse = CudaBackend().run(call, num_splits=splits)
     _check(call, out, lse)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=gpu)])
+def test_key_padding_mask(is_causal, mark):
+    """A bool (B, 1, 1, S) mask, as Transformers sends for padded batches."""
+    _require_extension()
+    q = torch.randn(3, 4, 70, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(3, 2, 70, 64, device="cuda", dtype=torch.float16)
+    v = torch.randn(3, 2, 70, 64, device="cuda", dtype=torch.float16)
+    keep = torch.rand(3, 70, device="cuda") > 0.3
+    keep[1, :30] = False
+    keep[2] = False  # no key at all: out 0, lse +inf
+    mask = keep[:, None, None, :].expand(3, 1, 70, 70)
+    call, _ = from_sdpa_args(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    assert CudaBackend().not_supported_reasons(call.features) == []
+    out, lse = CudaBackend().run(call)
+    kw = dict(scale=call.scale, mask=keep[:, None, None, :], causal=is_causal)
+    ref, ref_lse = reference_attention(q, k, v, **kw)
+    ref_lowp, _ = reference_attention(q, k, v, compute_dtype=None, **kw)
+    assert_close_by_rule(out, ref.to(out.dtype), ref_lowp)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("lower_right", [False, True])

@@ -118,3 +118,27 @@ def test_per_batch_key_lengths_never_read_padding(lower_right):
             continue
         _check(out[b:b + 1], lse[b:b + 1], q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale=0.125,
                lower_right=lower_right, window=(-1, 0))
+
+
+@pytest.mark.parametrize("batch_rows, window, splits", [
+    (3, (-1, -1), 0),   # (B, S) key padding, BERT-style
+    (3, (-1, 0), 0),    # causal with padding, as Transformers' causal models send it
+    (1, (-1, 0), 0),    # one row broadcast over the batch
+    (3, (-1, -1), 3),   # decode with split-KV
+])
+def test_key_padding_mask(batch_rows, window, splits):
+    L = 1 if splits else 40
+    q, k, v = _inputs(3, L, 150, 4, 2, 64, torch.float16, seed=7)
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(batch_rows, 150, generator=g) > 0.3
+    if batch_rows == 3:
+        keep[1, :60] = False  # left padding
+        keep[2] = False       # a sequence with no key at all: out 0, lse +inf
+    result = emulated.fwd(q, k, v, 0.2, *window, False, 0.0, None, splits, keep)
+    out, lse = _merge(*result[2:], q.dtype) if splits else result
+    mask = keep[:, None, None, :]
+    kw = dict(scale=0.2, window=window, mask=mask)
+    ref, ref_lse = reference_attention(q, k, v, **kw)
+    ref_lowp, _ = reference_attention(q, k, v, compute_dtype=None, **kw)
+    assert_close_by_rule(out, ref.to(out.dtype), ref_lowp)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-3, rtol=1e-3)

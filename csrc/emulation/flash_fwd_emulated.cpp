@@ -215,7 +215,8 @@ void run(const FwdParams& p, bool eager_copies) {
 
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                             int64_t window_left, int64_t window_right, bool lower_right, double softcap,
-                            const std::optional<at::Tensor>& seqused_k, int64_t num_splits, bool eager_copies) {
+                            const std::optional<at::Tensor>& seqused_k, int64_t num_splits,
+                            const std::optional<at::Tensor>& key_mask, bool eager_copies) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->stride(3) == 1,
                 "the emulation takes 4-d CPU tensors with a contiguous last dim");
@@ -225,10 +226,12 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   }
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
   check_seqused_k(seqused_k, q);
+  check_key_mask(key_mask, q, k);
   auto [out, lse] = empty_outputs(q);
   out.fill_(NAN);  // poison: every element must be written
   lse.fill_(NAN);
-  FwdParams p = make_params(q, k, v, out, lse, scale, window_left, window_right, lower_right, softcap, seqused_k);
+  FwdParams p = make_params(q, k, v, out, lse, scale, window_left, window_right, lower_right, softcap, seqused_k,
+                            key_mask);
   auto [out_accum, lse_accum] = split_buffers(p, q, int(std::max<int64_t>(num_splits, 1)));
   if (p.num_splits > 1) {
     out_accum.fill_(NAN);
@@ -264,7 +267,7 @@ std::vector<std::string> configs() {
 TORCH_LIBRARY(fastattn_emulated, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, bool lower_right, "
-      "float softcap, Tensor? seqused_k, int num_splits, bool eager_copies) -> Tensor[]");
+      "float softcap, Tensor? seqused_k, int num_splits, Tensor? key_mask, bool eager_copies) -> Tensor[]");
   m.def("configs() -> str[]", &fastattn::emulation::configs);
 }
 

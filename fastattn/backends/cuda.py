@@ -53,7 +53,7 @@ class CudaBackend(Backend):
     name = "cuda"
     description = ("CUDA C++ flash-attention forward (csrc/, CuTe tensor-core MMA, sm80+): fp16/bf16, head dims "
                    "<= 256 (compiled 64/96/128/256, others padded), GQA/MQA, causal (both alignments), windows, "
-                   "softcap, split-KV decode")
+                   "softcap, key-padding masks, split-KV decode")
     dtypes = HALF_DTYPES
 
     def prepare(self) -> bool:
@@ -94,9 +94,10 @@ class CudaBackend(Backend):
             reasons.append("an empty sequence or head dim: nothing for a kernel to do")
         if not f.last_dim_contiguous:
             reasons.append(MSG_LAST_DIM)
-        if f.mask_dtype is not None:
-            reasons.append(f"an explicit attn_mask ({f.mask_dtype}) is not supported; the cuda kernel takes causal, "
-                           "windows and per-batch key lengths, not a dense mask")
+        if f.mask_dtype is not None and not (f.mask_dtype == torch.bool and f.mask_key_padding):
+            reasons.append(f"an attn_mask ({f.mask_dtype}) that varies over heads or query rows, or is not bool, is "
+                           "not supported; the cuda kernel takes a bool key-padding mask (one row per sequence), "
+                           "causal, windows and per-batch key lengths")
         if f.has_alibi:
             reasons.append("ALiBi slopes are not supported by the cuda kernel")
         if f.has_sinks:
@@ -110,5 +111,9 @@ class CudaBackend(Backend):
         head_dim = padded_head_dim(max(call.q.shape[-1], head_dim_v), self.compiled_head_dims())
         q, k, v = (prepare(t, head_dim) for t in (call.q, call.k, call.v))
         left, right = call.key_bounds
-        out, lse = fwd(q, k, v, call.scale, left, right, call.lower_right, call.softcap, seqused_k, num_splits)
+        key_mask = None
+        if call.mask is not None:  # (B or 1, 1, 1, S) up to broadcast dims: the (B or 1, S) row
+            key_mask = call.mask[:, 0, 0, :].expand(call.mask.shape[0], call.seqlen_k).contiguous()
+        out, lse = fwd(q, k, v, call.scale, left, right, call.lower_right, call.softcap, seqused_k, num_splits,
+                       key_mask)
         return out[..., :head_dim_v], lse

@@ -23,7 +23,8 @@ _lock = threading.Lock()
 
 def fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window_left: int = -1,
              window_right: int = -1, lower_right: bool = False, softcap: float = 0.0,
-             seqused_k: Optional[torch.Tensor] = None, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             seqused_k: Optional[torch.Tensor] = None, num_splits: int = 0,
+             key_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Shapes and layouts of the C++ op's results: ``out`` (B, Hq, L, D) in q's memory
     layout (a transposed (B, L, Hq, D) buffer when q is one), ``lse`` (B, Hq, L) float32."""
     return empty_outputs(q, q.shape[-1])
@@ -39,7 +40,7 @@ def register_fake_impl() -> None:
 
 
 def fwd(q, k, v, scale, window_left=-1, window_right=-1, lower_right=False, softcap=0.0, seqused_k=None,
-        num_splits=0):
+        num_splits=0, key_mask=None):
     """Call the op (see csrc/flash_api.cpp for the argument contract)."""
     return torch.ops.fastattn.fwd(q, k, v, scale, window_left, window_right, lower_right, softcap, seqused_k,
-                                  num_splits)
+                                  num_splits, key_mask)
