@@ -139,8 +139,8 @@ class AttentionCall:
             and any(t.requires_grad for t in (q, k, v, self.mask, self.alibi_slopes, self.sinks) if t is not None),
             last_dim_contiguous=all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in (q, k, v)),
             want_lse=self.want_lse,
-            mask_key_padding=self.mask is not None and all(
-                self.mask.shape[d] == 1 or self.mask.stride(d) == 0 for d in (1, 2)),
+            mask_key_padding=self.mask is not None and all(  # head and query dims absent, size 1 or stride 0
+                self.mask.dim() < -d or self.mask.shape[d] == 1 or self.mask.stride(d) == 0 for d in (-3, -2)),
         )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from fastattn import _device, _extension, dispatch
 from fastattn.backends.cuda import CudaBackend, padded_head_dim, prepare
-from fastattn.inputs import Features, from_flash_args, from_sdpa_args
+from fastattn.inputs import Features, from_flash_args, from_sdpa_args, with_extras
 from fastattn.ops.cuda_fwd import fwd_fake
 from fastattn.testing import assert_close_by_rule, reference_attention
 
@@ -390,7 +390,8 @@ def test_key_padding_mask(is_causal, mark):
     keep[1, :30] = False
     keep[2] = False  # no key at all: out 0, lse +inf
     mask = keep[:, None, None, :].expand(3, 1, 70, 70)
-    call, _ = from_sdpa_args(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    call, _ = from_sdpa_args(q, k, v, attn_mask=mask, enable_gqa=True)
+    call = with_extras(call, causal=is_causal)  # causal beside a mask, as Transformers' integration makes it
     assert CudaBackend().not_supported_reasons(call.features) == []
     out, lse = CudaBackend().run(call)
     kw = dict(scale=call.scale, mask=keep[:, None, None, :], causal=is_causal)

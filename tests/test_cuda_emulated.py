@@ -76,7 +76,8 @@ def _case_id(case) -> str:
 
 
 @pytest.mark.parametrize("eager_copies", [False, True], ids=["copies-land-at-wait", "copies-land-at-issue"])
-@pytest.mark.parametrize("dtype, D, sizes, heads, window, lower_right, softcap", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("dtype, D, sizes, heads, window, lower_right, softcap", CASES,
+                         ids=[_case_id(c) for c in CASES])
 def test_kernel_matches_reference(dtype, D, sizes, heads, window, lower_right, softcap, eager_copies):
     B, L, S = sizes
     q, k, v = _inputs(B, L, S, *heads, D, dtype, seed=D + L)

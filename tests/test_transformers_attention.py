@@ -249,6 +249,7 @@ def test_mask_function_same_values_as_sdpa_mask():
     (3, 8, 5, 0),    # chunked prefill after 5 cached tokens (diagonal at S - L)
     (3, 10, 5, 0),   # static cache: keys past the queries are not filled yet (diagonal 5, not S - L)
     (2, 6, 9, 4),    # a cache window that starts at position 4
+    (1, 8, 7, 0),    # decode: the diagonal bounds nothing
 ])
 def test_causal_padding_mask_runs_compact_with_the_same_result(L, S, q_offset, kv_offset, dtype):
     """A causal mask with padding reaches the kernel as causal + one padding row per batch
@@ -262,7 +263,9 @@ def test_causal_padding_mask_runs_compact_with_the_same_result(L, S, q_offset, k
     module = FakeAttention()
     q, k, v = qkv(L=L, S=S, D=32, dtype=dtype)
     call = hf._build_call(module, q, k, v, mask, 0.0, 0.3, {})
-    assert call.mask.shape == (2, 1, 1, S) and call.key_bounds == (-1, q_offset - kv_offset) and not call.lower_right
+    diag = q_offset - kv_offset
+    assert call.mask.shape == (2, 1, 1, S) and not call.lower_right
+    assert call.key_bounds == ((-1, diag) if diag < S - 1 else (-1, -1))  # a bound past the last key is none
     full = mask.clone()  # a copy (as a device_map move makes) is read as the full mask
     assert hf._build_call(module, q, k, v, full, 0.0, 0.3, {}).mask.shape == (2, 1, L, S)
     with fastattn.use_backend("auto" if dtype == torch.float32 else "triton"):

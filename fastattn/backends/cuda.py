@@ -113,7 +113,8 @@ class CudaBackend(Backend):
         left, right = call.key_bounds
         key_mask = None
         if call.mask is not None:  # (B or 1, 1, 1, S) up to broadcast dims: the (B or 1, S) row
-            key_mask = call.mask[:, 0, 0, :].expand(call.mask.shape[0], call.seqlen_k).contiguous()
+            m = call.mask.reshape((1,) * (4 - call.mask.dim()) + tuple(call.mask.shape))
+            key_mask = m[:, 0, 0, :].expand(m.shape[0], call.seqlen_k).contiguous()
         out, lse = fwd(q, k, v, call.scale, left, right, call.lower_right, call.softcap, seqused_k, num_splits,
                        key_mask)
         return out[..., :head_dim_v], lse

@@ -165,7 +165,9 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     # no mask and more keys than queries (prefill into an empty static cache) the
     # alignment stays top-left, as SDPA's: the keys past the queries are not filled yet.
     causal = bool(is_causal) and L > 1 and mask is None
-    window = (-1, -1) if compact is None else (-1, diag)  # top-left: key j visible when j <= i + diag
+    window = (-1, -1)
+    if compact is not None and diag < S - 1:  # top-left: key j visible when j <= i + diag
+        window = (-1, diag)  # (diag >= S - 1, as in every decode step, bounds nothing: no window, one cache entry)
     sliding_window = kwargs.get("sliding_window")
     if causal and sliding_window is not None and sliding_window > 0:
         # Transformers' window includes the current token: kv_idx > q_idx - W, i.e. W - 1 keys to the left.
@@ -260,7 +262,10 @@ def _padding_row(attention_mask: torch.Tensor, kv_offset: int, kv_length: int, d
     short = kv_offset + kv_length - padding.shape[-1]
     if short > 0:
         padding = torch.nn.functional.pad(padding, (0, short))
-    return padding[:, kv_offset:kv_offset + kv_length]
+    padding = padding[:, kv_offset:kv_offset + kv_length]
+    # A snapshot: the caller's 2-D mask may be edited in place later (the 4-D mask is a copy too).
+    shared = padding.untyped_storage().data_ptr() == attention_mask.untyped_storage().data_ptr()
+    return padding.clone() if shared else padding
 
 
 def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
