@@ -79,7 +79,8 @@ inline FwdParams make_params(const at::Tensor& q, const at::Tensor& k, const at:
 
 // CTAs of one launch: (batch x kv heads, row blocks); rows pack the query heads of a kv head.
 inline int64_t row_blocks(const at::Tensor& q, const at::Tensor& k) {
-  return ((q.size(1) / k.size(1)) * q.size(2) + kBlockM - 1) / kBlockM;
+  const int64_t block_m = block_m_for(int(q.size(3)));
+  return ((q.size(1) / k.size(1)) * q.size(2) + block_m - 1) / block_m;
 }
 
 // Room for split-KV partial results: (splits, B, Hq, L, D) and (splits, B, Hq, L) float32.

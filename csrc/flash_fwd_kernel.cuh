@@ -20,7 +20,7 @@
 // CPU against the fp64 reference. What the emulation cannot check is the ldmatrix and
 // cp.async instructions themselves; the GPU tests do.
 //
-// Work split: a CTA owns 128 "rows" of one (batch, kv head). Rows pack the query heads
+// Work split: a CTA owns 128 "rows" (64 at head dim 256) of one (batch, kv head). Rows pack the query heads
 // that share that kv head (pack-GQA): row r is query head kv_head * group + r / L,
 // query position r % L. K/V are therefore read once per group, which is what makes
 // MQA/GQA decode cheap, and nothing is copied. Each warp owns 16-row slices of the
@@ -94,7 +94,7 @@ template <typename Tag, int kHeadDim_, class Arch>
 struct FwdTraits {
   using Element = typename CuteTypes<Tag>::Element;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = fastattn::kBlockM;
+  static constexpr int kBlockM = block_m_for(kHeadDim);
   static constexpr int kBlockN = block_n_for(kHeadDim);
   static constexpr int kWarps = warps_for(kHeadDim);
   static constexpr int kThreads = kWarps * 32;
