@@ -386,9 +386,7 @@ def test_decode_split_kv(L, S, heads, causal, splits, mark):
 def test_key_padding_mask(is_causal, mark):
     """A bool (B, 1, 1, S) mask, as Transformers sends for padded batches."""
     _require_extension()
-    q = torch.randn(3, 4, 70, 64, device="cuda", dtype=torch.float16)
-    k = torch.randn(3, 2, 70, 64, device="cuda", dtype=torch.float16)
-    v = torch.randn(3, 2, 70, 64, device="cuda", dtype=torch.float16)
+    q, k, v = (torch.randn(3, heads, 70, 64, device="cuda", dtype=torch.float16) for heads in (4, 2, 2))
     keep = torch.rand(3, 70, device="cuda") > 0.3
     keep[1, :30] = False
     keep[2] = False  # no key at all: out 0, lse +inf
