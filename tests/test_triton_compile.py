@@ -17,7 +17,7 @@ HELPER = Path(__file__).with_name("_compile_kernels.py")
 SM90 = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd256", "fp16_hd59_ev40_window", "bf16_hd64_causal",
         "bf16_hd256_full", "bf16_hd64_key_padding", "bf16_hd128_key_padding_causal", "bf16_hd64_full_mask",
         "bf16_bool_mask_softcap_alibi_sinks", "fp16_float_mask", "bf16_decode_split", "bf16_decode_pack_gqa",
-        "combine"]
+        "bf16_hd128_row_mask_causal", "fp16_hd128_row_mask_short", "combine"]
 SM80 = ["bf16_hd128_causal", "bf16_decode_split"]
 
 
@@ -52,11 +52,9 @@ def test_compiles_for_sm90(sm90, variant):
 
 # The configs block_config() picks for the main shapes must not spill registers to local
 # memory (a spill in the key loop costs memory traffic every iteration).
-# Not yet: hd128 with a per-row mask ((B, 1, L, S), Transformers' causal + padding) spills
-# about 1 KB per thread at 128 x 64 tiles (96 bytes at 128 x 32); to be tuned on a GPU.
 NO_SPILLS = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd64_causal", "bf16_hd256", "bf16_hd256_full",
              "bf16_decode_split", "bf16_decode_pack_gqa", "bf16_hd64_key_padding", "bf16_hd128_key_padding_causal",
-             "bf16_hd64_full_mask"]
+             "bf16_hd64_full_mask", "bf16_hd128_row_mask_causal", "fp16_hd128_row_mask_short"]
 
 
 @pytest.mark.parametrize("variant", NO_SPILLS)
