@@ -51,7 +51,7 @@ std::string join(const std::vector<int64_t>& values) {
 }
 
 struct DeviceInfo {
-  int major = 0, minor = 0, sm_count = 0, smem_per_block = 0;  // the opt-in maximum, bytes
+  int major = 0, minor = 0, sm_count = 0;
 };
 
 DeviceInfo device_info(int index) {
@@ -60,7 +60,6 @@ DeviceInfo device_info(int index) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, index));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, index));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, index));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
   return info;
 }
 
@@ -149,9 +148,6 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   const DeviceInfo info = device_info(q.get_device());
   TORCH_CHECK(info.major >= 8, "GPU compute capability ", info.major, ".", info.minor,
               " is too old (the cuda backend needs 8.0 or newer)");
-  TORCH_CHECK(info.smem_per_block >= smem_bytes_for(int(D)), "head_dim=", D, " needs ",
-              smem_bytes_for(int(D)) / 1024, " KB of shared memory per block; this GPU allows ",
-              info.smem_per_block / 1024, " KB");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
 
   auto [out, lse] = empty_outputs(q);
@@ -190,7 +186,6 @@ TORCH_LIBRARY(fastattn, m) {
       "bool lower_right=False, float softcap=0.0, Tensor? seqused_k=None, int num_splits=0, Tensor? key_mask=None) "
       "-> (Tensor, Tensor)");
   m.def("head_dims() -> int[]", &fastattn::compiled_head_dims);
-  m.def("smem_bytes(int head_dim) -> int", [](int64_t head_dim) -> int64_t { return fastattn::smem_bytes_for(int(head_dim)); });
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) { m.impl("fwd", &fastattn::fwd); }

@@ -71,10 +71,9 @@ void launch_flash_combine(const FwdParams& params, int head_dim, cudaStream_t st
 // allow, as FlashAttention-2 does there: 96 KB instead of 128.
 constexpr int block_m_for(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 constexpr int block_n_for(int head_dim) { return head_dim <= 64 ? 128 : 64; }
-constexpr int warps_for(int /*head_dim*/) { return 4; }
-// Dynamic shared memory of one CTA: the Q tile and one K and one V tile (2-byte elements).
-constexpr int smem_bytes_for(int head_dim) {
-  return (block_m_for(head_dim) + 2 * block_n_for(head_dim)) * head_dim * 2;
-}
+// The least shared memory per block any sm80+ GPU lets a kernel opt in to (sm86, sm89,
+// sm120: 99 KB); every tile configuration fits it (static_assert in flash_fwd_kernel.cuh),
+// so no GPU the op accepts can refuse the launch for lack of it.
+constexpr int kMinSmemPerBlock = 99 * 1024;
 
 }  // namespace fastattn

@@ -22,17 +22,6 @@ def sm_count(index: Optional[int]) -> int:
     return _sm_count(_index(index))
 
 
-def shared_memory_per_block(index: Optional[int]) -> Optional[int]:
-    """The most shared memory one block may use on CUDA device ``index`` (opt-in), bytes;
-    None when this torch does not say."""
-    return _shared_memory_per_block(_index(index))
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_memory_per_block(index: int) -> Optional[int]:
-    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
-
-
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)

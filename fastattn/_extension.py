@@ -67,7 +67,6 @@ class ExtensionStatus:
     reason: Optional[str] = None  # why not, when not loaded
     path: Optional[str] = None  # the shared library that was loaded
     head_dims: tuple[int, ...] = field(default=())  # compiled head dims, when loaded
-    smem_bytes: dict = field(default_factory=dict)  # head dim -> shared memory per block, when loaded
     buildable: bool = False  # not loaded only because nothing asked for a build yet
 
 
@@ -419,8 +418,7 @@ def _loaded_status(path: Optional[Path]) -> ExtensionStatus:
 
     cuda_fwd.register_fake_impl()
     dims = tuple(int(d) for d in torch.ops.fastattn.head_dims())
-    smem = {d: int(torch.ops.fastattn.smem_bytes(d)) for d in dims}
-    return ExtensionStatus(True, None, str(path) if path else None, dims, smem_bytes=smem)
+    return ExtensionStatus(True, None, str(path) if path else None, dims)
 
 
 def _try_load(build_if_missing: bool) -> ExtensionStatus:

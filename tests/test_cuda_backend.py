@@ -48,15 +48,10 @@ def fresh_extension(monkeypatch, tmp_path):
 @pytest.fixture
 def loaded_extension(monkeypatch):
     """Pretend the extension is loaded with every head dim on an sm_90 GPU."""
-    status = _extension.ExtensionStatus(True, None, "/fake/fastattn_cuda.so", _extension.ALL_HEAD_DIMS,
-                                        smem_bytes=SMEM_BYTES)
+    status = _extension.ExtensionStatus(True, None, "/fake/fastattn_cuda.so", _extension.ALL_HEAD_DIMS)
     monkeypatch.setattr(_extension, "load", lambda: status)
     monkeypatch.setattr(_device, "capability", lambda index: (9, 0))
-    monkeypatch.setattr(_device, "shared_memory_per_block", lambda index: 227 * 1024)
 
-
-# torch.ops.fastattn.smem_bytes(head_dim) of the compiled kernel (csrc/flash_params.h)
-SMEM_BYTES = {64: 48 * 1024, 96: 48 * 1024, 128: 64 * 1024, 256: 96 * 1024}
 
 
 # --------------------------------------------------------------------------- reasons (no GPU)
@@ -93,17 +88,6 @@ def test_old_gpu_is_refused(loaded_extension, monkeypatch):
     monkeypatch.setattr(_device, "capability", lambda index: (7, 5))
     assert CudaBackend().not_supported_reasons(GOOD) == [
         "GPU compute capability 7.5 is too old (the cuda backend needs 8.0 or newer)"]
-
-
-def test_head_dims_are_refused_where_shared_memory_is_short(loaded_extension, monkeypatch):
-    monkeypatch.setattr(_device, "shared_memory_per_block", lambda index: 99 * 1024)  # sm86 / sm89: all fit
-    for head_dim in (64, 128, 256):
-        assert CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=head_dim, head_dim_v=64)) == []
-    monkeypatch.setattr(_device, "shared_memory_per_block", lambda index: 80 * 1024)  # a smaller GPU
-    assert CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=128, head_dim_v=128)) == []
-    for head_dim in (200, 256):  # 200 is padded up to 256
-        reasons = CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=head_dim, head_dim_v=64))
-        assert reasons == ["head_dim=256 needs 96 KB of shared memory per block; this GPU allows 80 KB"]
 
 
 def test_reasons_are_all_collected(loaded_extension):

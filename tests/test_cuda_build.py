@@ -58,7 +58,6 @@ def test_library_exports_every_instantiation(built_library):
 
 def test_library_registers_the_ops(built_library):
     assert tuple(torch.ops.fastattn.head_dims()) == HEAD_DIMS
-    assert torch.ops.fastattn.smem_bytes(256) == 96 * 1024 and torch.ops.fastattn.smem_bytes(64) == 48 * 1024
     schema = str(torch.ops.fastattn.fwd.default._schema)
     assert "Tensor? seqused_k=None" in schema and "int num_splits=0" in schema
 

@@ -121,17 +121,20 @@ def test_per_batch_key_lengths_never_read_padding(lower_right):
                lower_right=lower_right, window=(-1, 0))
 
 
-@pytest.mark.parametrize("batch_rows, window, splits", [
-    (3, (-1, -1), 0),   # (B, S) key padding, BERT-style
-    (3, (-1, 0), 0),    # causal with padding, as Transformers' causal models send it
-    (1, (-1, 0), 0),    # one row broadcast over the batch
-    (3, (-1, -1), 3),   # decode with split-KV
+# (dtype, head dim) pairs from the emulated configurations: unbounded and bounded kernels in each dtype.
+@pytest.mark.parametrize("batch_rows, window, splits, dtype, D", [
+    (3, (-1, -1), 0, torch.float16, 64),   # (B, S) key padding, BERT-style
+    (3, (-1, -1), 0, torch.bfloat16, 128),
+    (3, (-1, 0), 0, torch.float16, 64),    # causal with padding, as Transformers' causal models send it
+    (3, (-1, 0), 0, torch.bfloat16, 96),
+    (1, (-1, 0), 0, torch.float16, 64),    # one row broadcast over the batch
+    (3, (-1, -1), 3, torch.bfloat16, 128),  # decode with split-KV
 ])
-def test_key_padding_mask(batch_rows, window, splits):
-    L = 1 if splits else 40
-    q, k, v = _inputs(3, L, 150, 4, 2, 64, torch.float16, seed=7)
+def test_key_padding_mask(batch_rows, window, splits, dtype, D):
+    L = 1 if splits else 37
+    q, k, v = _inputs(3, L, 203, 4, 2, D, dtype, seed=7)
     g = torch.Generator().manual_seed(1)
-    keep = torch.rand(batch_rows, 150, generator=g) > 0.3
+    keep = torch.rand(batch_rows, 203, generator=g) > 0.3
     if batch_rows == 3:
         keep[1, :60] = False  # left padding
         keep[2] = False       # a sequence with no key at all: out 0, lse +inf

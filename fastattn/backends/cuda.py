@@ -25,8 +25,7 @@ MSG_DTYPE = "is not supported (supported: float16, bfloat16)"
 MSG_LAST_DIM = "the last dim of q, k and v must be contiguous (stride 1)"
 MSG_HEAD_DIM = "is too large (supported: <= {max})"
 MSG_CAPABILITY = "is too old (the cuda backend needs 8.0 or newer)"
-MSG_SMEM = "of shared memory per block; this GPU allows"
-SHARED_WITH_CPP = (MSG_DEVICE, MSG_DTYPE, MSG_LAST_DIM, MSG_HEAD_DIM.split("{")[0], MSG_CAPABILITY, MSG_SMEM)
+SHARED_WITH_CPP = (MSG_DEVICE, MSG_DTYPE, MSG_LAST_DIM, MSG_HEAD_DIM.split("{")[0], MSG_CAPABILITY)
 
 
 def padded_head_dim(head_dim: int, compiled: tuple[int, ...]) -> Optional[int]:
@@ -81,13 +80,7 @@ class CudaBackend(Backend):
             reasons.append(f"dtype {f.dtype} {MSG_DTYPE}")
         compiled = self.compiled_head_dims() if f.device_type == "cuda" else _extension.ALL_HEAD_DIMS
         head_dim = max(f.head_dim, f.head_dim_v)
-        padded = padded_head_dim(head_dim, compiled)
-        if padded is not None and f.device_type == "cuda":
-            need = _extension.load().smem_bytes.get(padded)  # known once the extension is loaded
-            limit = _device.shared_memory_per_block(f.device_index) if need else None
-            if need and limit and need > limit:  # head dim 256 on sm86/sm89 (99 KB)
-                reasons.append(f"head_dim={padded} needs {need // 1024} KB {MSG_SMEM} {limit // 1024} KB")
-        if padded is None:
+        if padded_head_dim(head_dim, compiled) is None:
             reasons.append(f"head_dim={head_dim} " + MSG_HEAD_DIM.format(max=max(compiled))
                            + f" (compiled: {', '.join(map(str, compiled))})")
         if f.empty:
