@@ -19,8 +19,6 @@ cmdclass = {}
 if os.environ.get("FASTATTN_BUILD_CUDA", "0") == "1":
     import sys
 
-    import torch
-
     # fastattn/_extension.py holds the one list of sources and flags; it imports only the
     # standard library at module level, so it loads here before fastattn is installed.
     here = Path(__file__).resolve().parent
@@ -36,12 +34,7 @@ if os.environ.get("FASTATTN_BUILD_CUDA", "0") == "1":
     extension._use_cuda_home(root)  # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    if os.environ.get(extension.ENV_ARCHS):
-        archs = extension.parse_archs(os.environ[extension.ENV_ARCHS])
-    elif torch.cuda.is_available():
-        archs = extension.visible_archs() or extension.DEFAULT_AOT_ARCHS
-    else:
-        archs = extension.DEFAULT_AOT_ARCHS
+    archs = extension.target_archs() or extension.DEFAULT_AOT_ARCHS  # a wheel for other GPUs than this old one
     head_dims = extension.parse_head_dims(os.environ.get(extension.ENV_HEAD_DIMS))
     try:
         cutlass_include = extension.cutlass_include_or_raise()

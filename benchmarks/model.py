@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import fastattn
 
-from .measure import run_info, time_cuda
+from .measure import peak_memory_mb, run_info, time_cuda
 from .report import append_rows
 
 ATTENTION = {"sdpa": F.scaled_dot_product_attention, "fastattn": fastattn.scaled_dot_product_attention}
@@ -214,17 +214,6 @@ def timed(fn, device) -> float:
     return sorted(samples)[1]
 
 
-def peak_mb(fn, device) -> float:
-    if device.type != "cuda":
-        return math.nan
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "cuda", "model", "layers", "dtype", "attention",
            "measure", "batch", "seqlen", "context", "status", "reason", "p50_ms", "tokens_per_s", "peak_mem_mb",
            "speed_vs_sdpa"]
@@ -307,7 +296,7 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     ms = timed(fn, device)
                     row.update(status="ok", p50_ms=ms, tokens_per_s=tokens / (ms * 1e-3),
-                               peak_mem_mb=peak_mb(fn, device))
+                               peak_mem_mb=peak_memory_mb(fn, device))
             except Exception as exc:
                 row["reason"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 if device.type == "cuda":

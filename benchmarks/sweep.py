@@ -97,6 +97,7 @@ def main(argv=None) -> int:
             print("no CUDA device: dry run through the Triton interpreter (tiny shape, timings meaningless)")
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is first imported
     from fastattn.kernels.triton.flash_fwd import block_config
+    from fastattn.testing import attention_flops
 
     from .measure import run_info, time_cpu, time_cuda
     from .report import append_rows
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         q, k, v = make_qkv(shape, dtype, device)
         with torch.no_grad():
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        flops = 4.0 * B * H * L * L * D * (0.5 if causal else 1.0)
+        flops = attention_flops(B, H, L, L, D, causal=causal)
         group = []
         for cfg in configs:
             row = dict(info, dtype=args.dtype, batch=B, heads=H, seqlen=L, head_dim=D, causal=int(causal),

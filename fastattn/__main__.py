@@ -130,11 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("command", nargs="?", default="report", choices=["report", "build", "demo"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "build":
-        try:
-            from ._extension import build_main
-        except ImportError:
-            print("the CUDA extension is not part of this fastattn yet", file=sys.stderr)
-            return 1
+        from ._extension import build_main
+
         return build_main(rest)
     if args.command == "demo":
         try:

@@ -113,6 +113,17 @@ def visible_archs() -> tuple[str, ...]:
     return tuple(f"{a}.{b}" for a, b in sorted(caps) if (a, b) >= MIN_ARCH)
 
 
+def target_archs() -> tuple[str, ...]:
+    """What to compile for when nobody says: $FASTATTN_CUDA_ARCHS, else the visible GPUs'
+    architectures (empty when none is sm_80 or newer), else -- no GPU in this process --
+    DEFAULT_AOT_ARCHS."""
+    import torch
+
+    if os.environ.get(ENV_ARCHS):
+        return parse_archs(os.environ[ENV_ARCHS])
+    return visible_archs() if torch.cuda.is_available() else DEFAULT_AOT_ARCHS
+
+
 def arch_flags(archs: Sequence[str]) -> list[str]:
     flags = []
     for arch in archs:
@@ -297,8 +308,7 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
                          "use an editable install (pip install -e .) or FASTATTN_BUILD_CUDA=1")
     head_dims = tuple(head_dims) if head_dims else parse_head_dims(os.environ.get(ENV_HEAD_DIMS))
     if archs is None:
-        archs = parse_archs(os.environ[ENV_ARCHS]) if os.environ.get(ENV_ARCHS) else (
-            visible_archs() if torch.cuda.is_available() else DEFAULT_AOT_ARCHS)
+        archs = target_archs()
         if not archs:
             raise BuildError("no visible GPU is sm_80 or newer; the cuda kernel needs Ampere or newer")
     root, tried = find_cuda_home()
@@ -435,7 +445,7 @@ def _try_load(build_if_missing: bool) -> ExtensionStatus:
     if aot is not None:
         _load_library(aot)
         return _loaded_status(aot)
-    archs = parse_archs(os.environ[ENV_ARCHS]) if os.environ.get(ENV_ARCHS) else visible_archs()
+    archs = target_archs()
     if not archs:
         return ExtensionStatus(False, "no visible GPU is sm_80 or newer (the cuda kernel needs Ampere or newer)")
     head_dims = parse_head_dims(os.environ.get(ENV_HEAD_DIMS))
@@ -498,13 +508,8 @@ def build_main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     try:
-        archs = parse_archs(args.archs) if args.archs else None
-        head_dims = parse_head_dims(args.head_dims) if args.head_dims else None
-        if archs is None and os.environ.get(ENV_ARCHS):
-            archs = parse_archs(os.environ[ENV_ARCHS])
-        if archs is None:
-            archs = (visible_archs() or DEFAULT_AOT_ARCHS) if torch.cuda.is_available() else DEFAULT_AOT_ARCHS
-        dims = head_dims or parse_head_dims(os.environ.get(ENV_HEAD_DIMS))
+        archs = parse_archs(args.archs) if args.archs else target_archs()
+        dims = parse_head_dims(args.head_dims or os.environ.get(ENV_HEAD_DIMS))
         target = Path(args.directory) if args.directory else build_dir(archs, dims)
         (target / "build_failed.txt").unlink(missing_ok=True)  # retry a failure recorded earlier
         lib = build(archs, dims, verbose=args.verbose, jobs=args.jobs, directory=target,

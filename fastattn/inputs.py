@@ -29,6 +29,12 @@ class InvalidInputError(ValueError, RuntimeError):
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def mask_dtypes(query_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The attn_mask dtypes a call takes: bool (True = attend), or additive in the query's
+    dtype or float32."""
+    return torch.bool, query_dtype, torch.float32
+
+
 @dataclass(frozen=True)
 class Features:
     """The hashable facts about a call that backends decide on (the dispatch cache key)."""
@@ -287,7 +293,7 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
+        if attn_mask.dtype not in mask_dtypes(query.dtype):
             raise InvalidInputError(
                 f"attn_mask must be bool (True = attend) or a float mask of dtype {query.dtype} or torch.float32; "
                 f"got {attn_mask.dtype}"

@@ -35,7 +35,7 @@ import torch
 from .. import dispatch
 from ..backends.sdpa import math_attention
 from ..functional import attention
-from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, with_extras
+from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, mask_dtypes, with_extras
 
 __all__ = [
     "NAME",
@@ -189,7 +189,7 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     # A mask built here (cu_seq_lens, position_bias) keeps causal and the window beside it:
     # both backends apply them together, top-left as Transformers' masks do, and the
     # kernel skips the key blocks they rule out.
-    if mask is not None and mask.dtype != torch.bool and mask.dtype not in (query.dtype, torch.float32):
+    if mask is not None and mask.dtype not in mask_dtypes(query.dtype):
         mask = mask.float()
 
     call, _ = from_sdpa_args(query, key, value, attn_mask=mask, dropout_p=float(dropout or 0.0), is_causal=False,

@@ -334,9 +334,7 @@ def block_config(head_dim: int, head_dim_v: int, seqlen_q: int, mask_per_row: bo
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if seqlen_q <= 16:  # 8 warps: with 4, masks or sinks made the 16 x 128 tiles spill (sm_90, ptxas)
         return dict(BLOCK_M=16, BLOCK_N=128 if d <= 128 else 64, num_warps=8, num_stages=3)
-    if d <= 64:  # 8 warps: with 4, masks made the tile spill registers (sm_90, ptxas)
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    elif d <= 128:
+    if d <= 128:  # 8 warps: with 4, masks made the hd64 tile spill registers (sm_90, ptxas)
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     else:  # 8 warps: with 4 the 64 x 256 accumulator spilled registers (sm_90, ptxas)
         cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
