@@ -131,6 +131,16 @@ def key(mode: str = "fwd") -> list[Case]:
     return cases
 
 
+def kernels(mode: str = "fwd") -> list[Case]:
+    """What the triton-or-cuda priority rule is read from: bf16 head dims 64 and 256 at 4k both
+    ways, fp16 at head dim 128, and a GQA decode at head dim 64 (the key grid has hd128 bf16)."""
+    cases = [Case("kernels", "bf16", TOKENS // 4096, HIDDEN // d, HIDDEN // d, 4096, 4096, d, causal, mode=mode)
+             for d in (64, 256) for causal in (False, True)]
+    cases.append(Case("kernels", "fp16", TOKENS // 4096, 16, 16, 4096, 4096, 128, True, mode=mode))
+    cases.append(Case("kernels", "bf16", 8, 32, 8, 1, 65536, 64, layout="bhsd"))
+    return cases
+
+
 def cpu(quick: bool = False) -> list[Case]:
     """Small and medium CPU shapes, where the front end's own cost shows."""
     cases = [Case("cpu", "fp32", 1, 8, 8, 64, 64, 64, layout="bhsd"),
@@ -148,7 +158,7 @@ def interpreter() -> list[Case]:
             Case("interpreter", "fp16", 1, 2, 2, 64, 64, 64, True, layout="bhsd")]
 
 
-GRIDS = {"standard": standard, "gqa": gqa, "padded": padded, "decode": decode, "key": key}
+GRIDS = {"standard": standard, "gqa": gqa, "padded": padded, "decode": decode, "key": key, "kernels": kernels}
 
 
 # --------------------------------------------------------------------------- inputs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one command on a fresh GPU machine, about 7 minutes.
+# The prepared GPU check: one command on a fresh GPU machine, about 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [--dry-run]
 #
@@ -16,7 +16,7 @@
 #   fastattn  python -m fastattn (backend health, self-check)              -> env.txt
 #   tests-triton  pytest -v -n 8 -k "not cuda": kernel/front-end/dispatch/Transformers -> tests.log
 #   tests-cuda    pytest -v -n 8: test_cuda_backend.py + test_kernel.py -k cuda     -> tests.log
-#   bench     python -m benchmarks.attention --grid key (ceilings first)  -> bench.csv
+#   bench     python -m benchmarks.attention --grid key kernels (ceilings first) -> bench.csv
 #   flex      the same cases for FlexAttention (compiles per shape: last)  -> bench.csv
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
 #   model     Llama-3-8B-shaped layers, sdpa vs fastattn                   -> model.csv
@@ -200,7 +200,7 @@ if [ ${#TEST_RUNS[@]} = 1 ]; then
   test_run "${TEST_RUNS[0]}" 260 150
 else
   test_run "${TEST_RUNS[0]}" 220 150   # reserve: tests-cuda, bench, flex, sweep, model, hfmodel, report
-  test_run "${TEST_RUNS[1]}" 45 125
+  test_run "${TEST_RUNS[1]}" 60 125
 fi
 
 # section NAME: the lines tests.log holds for the pytest run NAME (each run starts "===== NAME (").
@@ -229,7 +229,7 @@ if [ "$DRY" = 1 ]; then
   stage bench 60 60 30 "$LOG" "$PY" "${BENCH[@]}" --cpu --quick --no-interpreter
   skip flex "dry run (FlexAttention runs on CUDA only)"
 else
-  stage bench 60 95 30 "$LOG" "$PY" "${BENCH[@]}" --grid key --exclude flex
+  stage bench 90 95 30 "$LOG" "$PY" "${BENCH[@]}" --grid key kernels --exclude flex
   stage flex 45 70 20 "$LOG" "$PY" "${BENCH[@]}" --grid key --providers flex
 fi
 
