@@ -40,12 +40,13 @@ if os.environ.get("FASTATTN_BUILD_CUDA", "0") == "1":
         cutlass_include = extension.cutlass_include_or_raise()
     except extension.BuildError as exc:
         raise SystemExit(f"FASTATTN_BUILD_CUDA=1: {exc}")
-    cxx, nvcc = extension.compile_flags(archs, head_dims, cutlass_include)
+    flags = extension.compile_flags(archs, head_dims, cutlass_include)
     ext_modules.append(CUDAExtension(
         name="fastattn._C",
         sources=[str(s.relative_to(here)) for s in extension.sources(head_dims)],
         include_dirs=[str(extension.CSRC)],
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_compile_args={"cxx": flags.cxx, "nvcc": flags.nvcc},
+        extra_link_args=flags.ld,
     ))
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 

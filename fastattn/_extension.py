@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 __all__ = ["ExtensionStatus", "load", "build", "build_main", "reset", "find_cuda_home", "BuildError"]
 
@@ -143,8 +143,24 @@ def sources(head_dims: Sequence[int]) -> list[Path]:
     return units
 
 
-def compile_flags(archs: Sequence[str], head_dims: Sequence[int], cutlass_include: str) -> tuple[list[str], list[str]]:
-    """(host compiler flags, nvcc flags)."""
+class BuildFlags(NamedTuple):
+    cxx: list[str]  # host compiler
+    nvcc: list[str]
+    ld: list[str]  # linker (through the host compiler)
+
+
+# The C++ runtime is linked dynamically whatever the compiler's habit. The H100 image's host
+# compiler (/opt/gcc/bin/g++, a g++ wrapper) links libstdc++ statically: the library then
+# carries its own copy, whose locale facets torch's string streams do not know, and a
+# TORCH_CHECK message that formats a number killed the process (segfault in
+# ostream::_M_insert<long>; here, with -static-libstdc++, the number is silently left out).
+# An explicit -lstdc++ among the library's own link arguments resolves from libstdc++.so
+# before the driver's static archive is reached.
+LINK_FLAGS = ["-lstdc++"]
+
+
+def compile_flags(archs: Sequence[str], head_dims: Sequence[int], cutlass_include: str) -> BuildFlags:
+    """The host compiler's, nvcc's and the linker's flags."""
     defines = [f"-DFASTATTN_HDIM_{d}" for d in head_dims]
     cxx = ["-O3", *defines]  # the C++ standard is torch's choice (C++20 for torch 2.14)
     nvcc = ["-O3", "-lineinfo", "-DNDEBUG", *defines, f"-I{cutlass_include}",
@@ -154,7 +170,7 @@ def compile_flags(archs: Sequence[str], head_dims: Sequence[int], cutlass_includ
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             *arch_flags(archs)]
-    return cxx, nvcc
+    return BuildFlags(cxx, nvcc, list(LINK_FLAGS))
 
 
 # --------------------------------------------------------------------------- toolkit
@@ -254,7 +270,9 @@ def _fastattn_version() -> str:
 
 
 def _source_hash() -> str:
-    h = hashlib.sha256()
+    """The sources and the recipe (this file: flags, link arguments), so that a fix to either
+    rebuilds a cached library."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
     for path in sorted(CSRC.rglob("*")):
         if path.suffix in (".cu", ".cuh", ".h", ".cpp") and path.is_file():
             h.update(str(path.relative_to(CSRC)).encode())
@@ -360,14 +378,15 @@ def _compile(directory: Path, archs: Sequence[str], head_dims: Sequence[int], cu
     """Run torch's ninja-based builder (MAX_JOBS limits ninja's parallelism)."""
     from torch.utils import cpp_extension
 
-    cxx, nvcc = compile_flags(archs, head_dims, cutlass_include)
+    flags = compile_flags(archs, head_dims, cutlass_include)
     if jobs:
         os.environ["MAX_JOBS"] = str(jobs)
     cpp_extension.load(
         name=LIBRARY_NAME,
         sources=[str(s) for s in sources(head_dims)],
-        extra_cflags=cxx,
-        extra_cuda_cflags=nvcc,  # carries -gencode, so torch adds no arch flags of its own
+        extra_cflags=flags.cxx,
+        extra_cuda_cflags=flags.nvcc,  # carries -gencode, so torch adds no arch flags of its own
+        extra_ldflags=flags.ld,
         extra_include_paths=[str(CSRC)],
         build_directory=str(directory),
         verbose=verbose,

@@ -5,7 +5,12 @@ distinct tile configuration: 128-key tiles, the narrow swizzle for 96, 64-row ti
 head dim 128 differs from 64 only in sizes) in both dtypes, causal and not, plus the op
 and the split-KV merge: about 3 minutes on 2 cores (CuTe templates compile slowly;
 everything takes 4.5). The GPU check builds all of it. Deselect with ``-m "not cuda_build"``.
+
+The host compiler is wrapped to link libstdc++ statically, as the H100 image's does: the
+library must still use the process's C++ runtime (``_extension.LINK_FLAGS``).
 """
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -37,12 +42,28 @@ def built_library(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     directory = tmp_path_factory.mktemp("fastattn_cuda_build")
-    try:
-        lib = _extension.build(("8.0", "9.0"), HEAD_DIMS, directory=directory, jobs=4,
-                               load_library=True)
-    except _extension.BuildError as exc:
-        pytest.fail(f"csrc/ does not build: {exc}")
+    real_cxx = shutil.which(os.environ.get("CXX", "c++"))
+    wrapper = directory / "static-libstdcxx-g++"
+    wrapper.write_text(f'#!/bin/sh\nexec "{real_cxx}" "$@" -static-libstdc++\n')
+    wrapper.chmod(0o755)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CXX", str(wrapper))
+        try:
+            lib = _extension.build(("8.0", "9.0"), HEAD_DIMS, directory=directory / "build", jobs=4,
+                                   load_library=True)
+        except _extension.BuildError as exc:
+            pytest.fail(f"csrc/ does not build: {exc}")
     return Path(lib)
+
+
+def test_library_uses_the_process_cxx_runtime(built_library):
+    # Its own copy of libstdc++ made number formatting in error messages crash on the H100.
+    needed = subprocess.run(["readelf", "-d", str(built_library)], capture_output=True, text=True,
+                            check=True).stdout
+    assert "libstdc++.so" in needed, f"{built_library.name} does not link libstdc++ dynamically"
+    symbols = subprocess.run(["nm", "--defined-only", "-C", str(built_library)], capture_output=True,
+                             text=True, check=True).stdout
+    assert "std::locale::id::_M_id" not in symbols, f"{built_library.name} carries its own libstdc++"
 
 
 def test_library_exports_every_instantiation(built_library):
