@@ -131,6 +131,8 @@ def transformers_measures(shape: Shape, device, dtype, ids, lengths, step_ids, d
     import inspect
 
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from fastattn.integrations import transformers as hf
     config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
                          num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
                          vocab_size=shape.vocab, rope_theta=shape.rope_theta,
@@ -173,7 +175,7 @@ def transformers_measures(shape: Shape, device, dtype, ids, lengths, step_ids, d
                 layer.cumulative_length = length
 
     def setup(impl):
-        model.set_attn_implementation(impl)
+        hf.set_attn_implementation(model, impl)
         if not filled:
             with torch.no_grad():
                 model(context, **with_cache(0, dctx), logits_to_keep=1)

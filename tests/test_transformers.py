@@ -160,9 +160,9 @@ def test_padded_batch_matches_reference(arch, dtype):
                     "(no ALL_ATTENTION_FUNCTIONS lookup): there is no call to route through fastattn")
     # fp32: eager is the exact reference. Half: Transformers' sdpa in the same dtype where the
     # model supports it (Gemma2's softcap and GPT-OSS's sinks are eager-only).
-    model.set_attn_implementation("sdpa" if dtype != torch.float32 and model._supports_sdpa else "eager")
+    hf.set_attn_implementation(model, "sdpa" if dtype != torch.float32 and model._supports_sdpa else "eager")
     ref = outputs(model, inputs)
-    model.set_attn_implementation("fastattn")
+    hf.set_attn_implementation(model, "fastattn")
     assert model.config._attn_implementation == "fastattn"
     with hf.record_backends() as records:
         got = outputs(model, inputs)

@@ -23,7 +23,7 @@ def left_padded(batch: int = 3, seq: int = 8, pad: tuple = (3, 0, 1)):
 
 
 def generate(model, impl, ids, mask, cache, new_tokens=5):
-    model.set_attn_implementation(impl)
+    hf.set_attn_implementation(model, impl)
     kwargs = dict(cache_implementation="static") if cache == "static" else {}
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,

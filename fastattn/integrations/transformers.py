@@ -349,6 +349,21 @@ def _sdpa_drop_in(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
+def set_attn_implementation(model, name: str):
+    """``model.set_attn_implementation(name)``, also reaching the copies of the model's config
+    that some Transformers versions leave behind: 5.17 skips sub-models whose config has the
+    model's own class, so T5's encoder and decoder stacks (deep copies of its config) kept
+    their attention. Any config still on the model's previous implementation follows it."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if (config is not None and config is not model.config
+                and getattr(config, "_attn_implementation", None) == previous != name):
+            config._attn_implementation = name
+    return model
+
+
 def is_patched() -> bool:
     return "sdpa" in _originals
 
@@ -365,8 +380,7 @@ def patch(model=None, *, torch_sdpa: bool = False):
     if model is not None:
         if not hasattr(model, _PREVIOUS_ATTR):
             setattr(model, _PREVIOUS_ATTR, model.config._attn_implementation)
-        model.set_attn_implementation(NAME)
-        return model
+        return set_attn_implementation(model, NAME)
     from transformers import modeling_utils
 
     mapping = modeling_utils.AttentionInterface._global_mapping
@@ -385,7 +399,7 @@ def unpatch(model=None):
     if model is not None:
         previous = getattr(model, _PREVIOUS_ATTR, None)
         if previous is not None:
-            model.set_attn_implementation(previous)
+            set_attn_implementation(model, previous)
             delattr(model, _PREVIOUS_ATTR)
         return model
     if "sdpa" in _originals:
@@ -460,13 +474,13 @@ def check(model, inputs: dict, reference: str = "eager") -> CheckReport:
     register()
     previous = model.config._attn_implementation
     try:
-        model.set_attn_implementation(reference)
+        set_attn_implementation(model, reference)
         ref = _layer_outputs(model, inputs)
-        model.set_attn_implementation(NAME)
+        set_attn_implementation(model, NAME)
         with record_backends() as records:
             got = _layer_outputs(model, inputs)
     finally:
-        model.set_attn_implementation(previous)
+        set_attn_implementation(model, previous)
     keep = inputs.get("attention_mask")
     dtype = ref[0][1].dtype if ref else torch.float32
     atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])

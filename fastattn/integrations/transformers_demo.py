@@ -115,7 +115,7 @@ def demo_main(argv=None) -> int:
     report = fastattn.check(model, inputs, reference=reference)
     print(report)
 
-    model.set_attn_implementation("fastattn")
+    hf.set_attn_implementation(model, "fastattn")
     with hf.record_backends() as records, torch.no_grad():
         model(**inputs)
     print("\nbackend per attention call:")
@@ -135,10 +135,10 @@ def demo_main(argv=None) -> int:
     times: dict[str, list[float]] = {reference: [], "fastattn": []}
     for _ in range(args.repeats):
         for impl in times:
-            model.set_attn_implementation(impl)
+            hf.set_attn_implementation(model, impl)
             times[impl].append(_time(model, inputs, 1))
     ref_ms, fast_ms = statistics.median(times[reference]), statistics.median(times["fastattn"])
-    model.set_attn_implementation(reference)
+    hf.set_attn_implementation(model, reference)
     print(f"\nforward time (median of {args.repeats}): {reference} {ref_ms:.2f} ms, fastattn {fast_ms:.2f} ms "
           f"({ref_ms / fast_ms:.2f}x)")
     if not any(r.backend == "triton" for r in records):
