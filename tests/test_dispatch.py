@@ -76,9 +76,13 @@ def test_half_inputs_choose_plain_auto():
     ((9, 0), {"causal": True, "window": (-1, 0), "lower_right": True, "equal_lengths": False}, "triton"),
     ((9, 0), {"causal": True, "window": (-1, 0), "lower_right": True, "equal_lengths": True}, "sdpa"),
     ((9, 0), {"window": (-1, 0), "lower_right": True, "equal_lengths": False}, "triton"),  # flash-attn window, L != S
+    ((9, 0), {"head_dim": 256, "head_dim_v": 256, "has_softcap": True}, "cuda"),  # measured faster there
+    ((9, 0), {"head_dim": 256, "head_dim_v": 256}, "sdpa"),
+    ((8, 0), {"head_dim": 256, "head_dim_v": 256, "has_softcap": True}, "triton"),  # not measured
 ])
 def test_priority_rule_on_gpus(monkeypatch, capability, extra, first):
-    """Plain calls go to torch's fused SDPA on Hopper (measured faster there), the rest to triton."""
+    """Plain calls go to torch's fused SDPA on Hopper (measured faster there), the rest to triton,
+    or above head dim 128 on Hopper to the CUDA kernel."""
     import dataclasses
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -252,5 +256,15 @@ def test_grad_through_alibi_slopes_is_a_reason():
     slopes = torch.rand(2, device=DEVICE, requires_grad=True)
     report = fastattn.explain_flash(q, q, q, alibi_slopes=slopes)
     assert report.chosen == "sdpa" and any("grad" in r for r in report.reasons("triton"))
-    fastattn.flash_attn_func(q, q, q, alibi_slopes=slopes).float().sum().backward()
-    assert slopes.grad is not None
+    out = fastattn.flash_attn_func(q, q, q, alibi_slopes=slopes)
+    weights = torch.randn(out.shape, device=DEVICE, dtype=torch.float64)
+    (out.double() * weights).sum().backward()
+    # float64 reference: (B, L, H, D) layout, bias -slope * |i - j| (L == S)
+    ref_slopes = slopes.detach().double().requires_grad_()
+    x = q.double().transpose(1, 2)
+    pos = torch.arange(q.shape[1], device=DEVICE)
+    bias = -ref_slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs()
+    ref = torch.softmax(x @ x.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias, dim=-1) @ x
+    (ref.transpose(1, 2) * weights).sum().backward()
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(slopes.grad.double(), ref_slopes.grad, atol=2e-3, rtol=2e-3)

@@ -99,12 +99,17 @@ class SDPABackend(Backend):
         mask = call.mask
         if not plain_causal:
             mask = combine_masks(mask, positional_bias(call))
+        q, k, v = call.q, call.k, call.v
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            # A float32 bias (ALiBi, or a float mask combined with a window): torch's CUDA kernels
+            # want it in q's dtype, where ALiBi's distances would round; compute in float32.
+            q, k, v = q.float(), k.float(), v.float()
         out = torch_sdpa(
-            call.q, call.k, call.v,
+            q, k, v,
             attn_mask=mask,
             dropout_p=call.dropout_p,
             is_causal=plain_causal,
             scale=call.scale,
-            enable_gqa=call.q.shape[1] != call.k.shape[1],
+            enable_gqa=q.shape[1] != k.shape[1],
         )
-        return out, None
+        return out.to(call.q.dtype), None
