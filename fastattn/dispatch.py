@@ -67,16 +67,21 @@ def priority(features: Features) -> list[str]:
     once prefill with padding is measured too.) Older GPUs are not measured yet:
     ``triton`` first there.
 
-    ``cuda`` (the CUDA C++ kernel) comes after ``triton``: its first (wmma) version
-    measured 76-93 TFLOP/s and 42% of copy bandwidth for decode; the CuTe rewrite
-    (FlashAttention-2's design) is not measured yet. Until it is, it serves installs
-    without Triton and calls that force it.
+    Between the two kernels (the same H100 run, e52d2bb, bf16 prefill at 4k, TFLOP/s triton /
+    cuda): head dim 64 323 / 227 full and 283 / 186 causal, head dim 128 340-463 / 191-250,
+    decode 96% / 49% of copy bandwidth, but head dim 256 174 / 204 full and 153 / 169 causal.
+    So on Hopper ``cuda`` (FlashAttention-2's design, mma.sync) goes before ``triton`` above
+    head dim 128 (Gemma-2's 256 with softcap and windows, which torch runs slowly), after it
+    otherwise; older GPUs keep ``triton`` first until measured.
 
     ``sdpa`` last otherwise: it runs everything, so a call never fails for lack of a kernel.
     """
-    order = [name for name in ("triton", "cuda") if name in _REGISTRY]
+    hopper = (features.device_type == "cuda" and torch.cuda.is_available()
+              and _device.capability(features.device_index) >= (9, 0))
+    kernels = ("cuda", "triton") if hopper and features.head_dim > 128 else ("triton", "cuda")
+    order = [name for name in kernels if name in _REGISTRY]
     order += [name for name in _REGISTRY if name not in order and name != "sdpa"]
-    if torch_fused_fits(features) and torch.cuda.is_available() and _device.capability(features.device_index) >= (9, 0):
+    if hopper and torch_fused_fits(features):
         return ["sdpa"] + order
     return order + ["sdpa"]
 
