@@ -411,9 +411,9 @@ def test_per_batch_key_lengths(lower_right, mark):
 
 
 # Bad inputs for the raw op, each with the message its TORCH_CHECK must give. Run in a
-# child process: on the H100 (torch 2.11) one of these calls once crashed the process
-# (a segfault, cause not found), and a crash must fail this test with a native
-# backtrace rather than take the test worker down.
+# child process: on the H100 image the messages that format a number crashed the process
+# (a library built with a static libstdc++; see _extension.LINK_FLAGS), and a crash must
+# fail this test with a native backtrace rather than take the test worker down.
 _CPP_CHECK_CHILD = r"""
 import json, torch
 from fastattn import _extension
@@ -445,8 +445,9 @@ def test_cpp_checks_repeat_the_reasons(mark):
 
     _require_extension()
     command = [sys.executable, "-X", "faulthandler", "-c", _CPP_CHECK_CHILD]
-    if shutil.which("gdb"):  # a native backtrace if it crashes
-        command = ["gdb", "-q", "-batch", "-return-child-result", "-ex", "run", "-ex", "bt", "--args", *command]
+    debugger = shutil.which("gdb") or shutil.which("cuda-gdb")  # a native backtrace if it crashes
+    if debugger:
+        command = [debugger, "-q", "-batch", "-return-child-result", "-ex", "run", "-ex", "bt", "--args", *command]
     env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="1", FASTATTN_CUDA_JIT="0")
     child = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     messages = dict(json.loads(line) for line in child.stdout.splitlines() if line.startswith("["))
