@@ -246,7 +246,7 @@ if [ "$DRY" = 1 ]; then
   stage model 40 20 20 "$LOG" "$PY" "${MODEL[@]}" --tiny
   stage hfmodel 40 10 20 "$LOG" "$PY" "${MODEL[@]}" --tiny --transformers
 else
-  stage model 30 35 15 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192
+  stage model 30 35 15 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192 --profile
   stage hfmodel 45 15 15 "$LOG" "$PY" "${MODEL[@]}" --layers 2 --prefill 2x4096 --decode 16x8192 --transformers
 fi
 

@@ -216,6 +216,49 @@ def timed(fn, device) -> float:
     return sorted(samples)[1]
 
 
+def profile_step(name: str, fn, device) -> None:
+    """One call of ``fn`` under torch.profiler: the host's wall time, the device kernels and the
+    host ops that took longest (why a launch-bound decode step is slower), printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        sync()
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if getattr(e, "self_device_time_total", 0) > 0),
+                     key=lambda e: -e.self_device_time_total)
+    ops = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    print(f"profile {name}: the host took {host_ms:.2f} ms to issue one step; the device ran "
+          f"{sum(e.count for e in kernels)} kernels for {sum(e.self_device_time_total for e in kernels) / 1e3:.2f} ms")
+    for e in kernels[:6]:
+        print(f"  device {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<3} {e.key[:90]}")
+    for e in ops[:6]:
+        print(f"  host   {e.self_cpu_time_total / 1e3:7.3f} ms  x{e.count:<3} {e.key[:90]}")
+
+
+def fastattn_choices(fn) -> list[str]:
+    """The fastattn backend of every attention call ``fn`` makes (running it once)."""
+    seen: list[str] = []
+    original = fastattn.scaled_dot_product_attention
+
+    def noting(q, k, v, **kwargs):
+        seen.append(fastattn.explain(q, k, v, **kwargs).chosen)
+        return original(q, k, v, **kwargs)
+
+    ATTENTION["fastattn"] = noting
+    try:
+        fn()
+    finally:
+        ATTENTION["fastattn"] = original
+    return seen
+
+
 COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "cuda", "model", "layers", "dtype", "attention",
            "measure", "batch", "seqlen", "context", "status", "reason", "p50_ms", "tokens_per_s", "peak_mem_mb",
            "speed_vs_sdpa"]
@@ -236,6 +279,8 @@ def main(argv=None) -> int:
                         help="a tiny model (CPU dry run); sizes given with --prefill/--decode are kept")
     parser.add_argument("--transformers", action="store_true",
                         help="Transformers' LlamaForCausalLM with attn_implementation sdpa vs fastattn")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: profile one decode step per attention (host time, top kernels and host ops)")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "model.csv")
     parser.add_argument("--run-timestamp", help="label the rows with this run timestamp (to join runs of one check)")
     args = parser.parse_args(argv)
@@ -308,6 +353,14 @@ def main(argv=None) -> int:
                 row["speed_vs_sdpa"] = base["p50_ms"] / row["p50_ms"]
             append_rows(args.csv, [row], COLUMNS)  # one at a time: a run cut short keeps what it measured
 
+    if args.profile and not args.transformers:  # one decode step, each attention
+        def step(attn_name):
+            return lambda: model(step_ids, pos=dctx, caches=caches, attn=ATTENTION[attn_name])
+
+        with torch.no_grad():
+            print(f"fastattn backends in decode: {', '.join(dict.fromkeys(fastattn_choices(step('fastattn'))))}")
+            for attn_name in ATTENTION:
+                profile_step(f"decode {attn_name}", step(attn_name), device)
     print(f"csv: {args.csv}\n")
     print(f"{'measure':15} {'attention':9} {'p50 ms':>9} {'tokens/s':>11} {'peak MiB':>9} {'vs sdpa':>8}")
     for r in rows:
