@@ -19,6 +19,7 @@
 #   bench     python -m benchmarks.attention --grid key kernels (ceilings first) -> bench.csv
 #   flex      the same cases for FlexAttention (compiles per shape: last)  -> bench.csv
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
+#   rowmask   the same with a per-row mask (padded causal batch), 5 configs -> sweep.csv
 #   model     Llama-3-8B-shaped layers, sdpa vs fastattn                   -> model.csv
 #   hfmodel   the same through Transformers' LlamaForCausalLM               -> model.csv
 #   report    stage table + compact tables + goals                        -> summary.md, bench.png
@@ -236,8 +237,13 @@ fi
 # ---------------------------------------------------------------- block-size sweep
 if [ "$DRY" = 1 ]; then
   stage sweep 60 40 20 "$LOG" "$PY" -m benchmarks.sweep --dry-run --csv "$OUT/sweep.csv"
+  stage rowmask 60 30 20 "$LOG" "$PY" -m benchmarks.sweep --dry-run --csv "$OUT/sweep.csv" --row-mask \
+    --configs 64x64x4x3
 else
   stage sweep 40 50 15 "$LOG" "$PY" -m benchmarks.sweep --csv "$OUT/sweep.csv" --jobs 8
+  # per-row masks: the spilling default against spill-free smaller tiles (see block_config)
+  stage rowmask 30 45 15 "$LOG" "$PY" -m benchmarks.sweep --csv "$OUT/sweep.csv" --jobs 8 --row-mask \
+    --configs 128x64x8x3 128x32x8x3 64x64x4x3 64x32x8x3 128x128x8x2
 fi
 
 # ---------------------------------------------------------------- model

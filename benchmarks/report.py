@@ -293,15 +293,16 @@ def _plain_rows(path: Optional[Path]) -> list[dict]:
 
 
 def sweep_summary(rows: list[dict]) -> list[str]:
-    """Block-size sweep: the fastest configs per causal setting, and today's default."""
+    """Block-size sweep: the fastest configs per swept case (shape, mask, causal), and today's default."""
     out = []
-    for causal in ("0", "1"):
-        group = [r for r in rows if r["causal"] == causal]
-        if not group:
-            continue
+    cases: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        cases[(r["dtype"], r["head_dim"], r["heads"], r["batch"], r["seqlen"], r.get("mask") or "", r["causal"])].append(r)
+    for (_, _, _, _, _, mask, causal), group in cases.items():
         first = group[0]
         out.append(f"sweep {first['dtype']} d{first['head_dim']} h{first['heads']} B{first['batch']} "
-                   f"L{first['seqlen']} {'causal' if causal == '1' else 'full'} (MxNxWxS, * = default):")
+                   f"L{first['seqlen']} {'causal' if causal == '1' else 'full'}{' row mask' if mask else ''} "
+                   "(MxNxWxS, * = default):")
         ok = sorted((r for r in group if r["status"] == "ok"), key=lambda r: float(r["p50_ms"]))
         shown = ok[:4] + [r for r in ok[4:] if r["default"] == "1"]
         for r in shown:

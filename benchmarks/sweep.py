@@ -2,11 +2,14 @@
 
     python -m benchmarks.sweep                                  # hd128 bf16 seqlen 4k, causal and full
     python -m benchmarks.sweep --configs 128x64x8x3 128x128x8x2 --seqlen 8192
+    python -m benchmarks.sweep --row-mask                       # a (B, 1, L, L) bool mask read per query row
     python -m benchmarks.sweep --dry-run                        # no GPU: tiny shape through the Triton interpreter
 
 Each config is (BLOCK_M, BLOCK_N, num_warps, num_stages), run through
 ``flash_attn_forward(config=...)`` on fresh random inputs, checked against
-torch SDPA (max_diff) and timed with L2 flushed. The config ``block_config()``
+torch SDPA (max_diff) and timed with L2 flushed. ``--row-mask`` gives every call a
+mask that differs per query row, as a padded causal batch sends it ((B, 1, L, L): each
+sequence's keys up to its length, and causal for the causal run, all in the mask). The config ``block_config()``
 picks today is marked ``default``; ``vs_default`` > 1 means faster than it.
 With ``--jobs N`` the kernels are compiled in N processes first (Triton's disk
 cache then serves the timing process), which saves most of the compile time.
@@ -34,7 +37,7 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 ]
 
 COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "cuda", "dtype", "batch", "heads", "seqlen",
-           "head_dim", "causal", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "default", "status", "reason",
+           "head_dim", "causal", "mask", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "default", "status", "reason",
            "p20_ms", "p50_ms", "p80_ms", "tflops", "max_diff", "vs_default"]
 
 
@@ -56,21 +59,34 @@ def make_qkv(shape, dtype, device, seed: int = 0):
     return [torch.randn(B, L, H, D, device=device, dtype=dtype, generator=gen).transpose(1, 2) for _ in range(3)]
 
 
-def run_config(cfg, causal: bool, shape, dtype, device):
+def make_row_mask(shape, causal: bool, device) -> torch.Tensor:
+    """(B, 1, L, L) bool: keys below each sequence's length (a quarter to three quarters of
+    L), and at or before the query when ``causal``."""
+    B, _, L, _ = shape
+    lengths = torch.linspace(L // 4, 3 * L // 4, B, device=device).round().long()
+    keys = torch.arange(L, device=device)
+    keep = (keys[None, None, :] < lengths[:, None, None]).expand(B, L, L)
+    if causal:
+        keep = keep & (keys[None, :, None] >= keys[None, None, :])
+    return keep[:, None].contiguous()
+
+
+def run_config(cfg, causal: bool, shape, dtype, device, row_mask: bool = False):
     from fastattn.kernels.triton import flash_fwd
     # An explicit config= is used as given (one that does not fit raises), so each
     # row times the config it names.
     flash_attn_forward = flash_fwd.flash_attn_forward
     q, k, v = make_qkv(shape, dtype, device)
     scale = 1.0 / math.sqrt(shape[3])
-    bounds = (-1, 0) if causal else (-1, -1)
-    return lambda: flash_attn_forward(q, k, v, scale=scale, causal_bounds=bounds, config=as_dict(cfg))[0]
+    mask = make_row_mask(shape, causal, device) if row_mask else None
+    bounds = (-1, 0) if causal and not row_mask else (-1, -1)
+    return lambda: flash_attn_forward(q, k, v, scale=scale, mask=mask, causal_bounds=bounds, config=as_dict(cfg))[0]
 
 
-def _warm(cfg, causal, shape, dtype_name) -> str:
+def _warm(cfg, causal, shape, dtype_name, row_mask) -> str:
     """Compile one config in a worker process (fills Triton's disk cache)."""
     try:
-        fn = run_config(cfg, causal, shape, getattr(torch, dtype_name), torch.device("cuda"))
+        fn = run_config(cfg, causal, shape, getattr(torch, dtype_name), torch.device("cuda"), row_mask)
         fn()
         torch.cuda.synchronize()
         return ""
@@ -86,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=16 * 1024, help="batch x seqlen")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--row-mask", action="store_true", help="a bool mask per query row (padded causal batch)")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compile in N processes first")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "sweep.csv")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: a tiny shape through the Triton interpreter")
@@ -113,7 +130,8 @@ def main(argv=None) -> int:
     default_key = (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], default["num_stages"])
     if not dry and default_key not in configs:
         configs = [default_key] + configs
-    print(f"sweep: {args.dtype} B{B} H{H} L{L} D{D}, {len(configs)} configs x causal/full; "
+    print(f"sweep: {args.dtype} B{B} H{H} L{L} D{D}{' row mask' if args.row_mask else ''}, "
+          f"{len(configs)} configs x causal/full; "
           f"default {'x'.join(map(str, default_key))}", flush=True)
 
     warm_errors = {}
@@ -121,7 +139,8 @@ def main(argv=None) -> int:
         import multiprocessing as mp
         todo = [(cfg, causal) for causal in (False, True) for cfg in configs]
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {key: pool.submit(_warm, key[0], key[1], shape, str(dtype).split(".")[-1]) for key in todo}
+            futures = {key: pool.submit(_warm, key[0], key[1], shape, str(dtype).split(".")[-1], args.row_mask)
+                       for key in todo}
             warm_errors = {key: f.result() for key, f in futures.items()}
         print(f"compiled {sum(not e for e in warm_errors.values())}/{len(todo)} in {args.jobs} processes", flush=True)
 
@@ -129,15 +148,20 @@ def main(argv=None) -> int:
     for causal in (False, True):
         q, k, v = make_qkv(shape, dtype, device)
         with torch.no_grad():
-            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            if args.row_mask:
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=make_row_mask(shape, causal, device))
+            else:
+                ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         flops = attention_flops(B, H, L, L, D, causal=causal)
         group = []
         for cfg in configs:
             row = dict(info, dtype=args.dtype, batch=B, heads=H, seqlen=L, head_dim=D, causal=int(causal),
+                       mask="rows" if args.row_mask else "",
                        **as_dict(cfg), default=int(cfg == default_key and not dry), status="error", reason="")
             group.append(row)
             try:
-                fn = run_config(cfg, causal, shape, dtype, device)
+                fn = run_config(cfg, causal, shape, dtype, device, args.row_mask)
                 row["max_diff"] = (fn().float() - ref.float()).abs().max().item()
                 if dry:
                     p20, p50, p80 = time_cpu({"k": fn}, repeats=1, warmup=0, batch_s=0)["k"]

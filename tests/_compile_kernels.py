@@ -50,7 +50,7 @@ def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps: i
 def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8", left=False, right=True,
                     softcap=False, alibi=False, sinks=False, split=False, pack=False, mask_rows=True):
     Ev = E if Ev is None else Ev
-    cfg = flash_fwd.block_config(E, Ev, L, mask_per_row=bool(mask) and mask_rows)
+    cfg = flash_fwd.block_config(E, Ev, L)
     pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": "fp32" if split else dtype, "Lse": "fp32",
                 "Mask": mask_dtype if mask else dtype, "Slopes": "fp32" if alibi else dtype,
                 "Sinks": "fp32" if sinks else dtype}

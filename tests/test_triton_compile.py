@@ -52,9 +52,11 @@ def test_compiles_for_sm90(sm90, variant):
 
 # The configs block_config() picks for the main shapes must not spill registers to local
 # memory (a spill in the key loop costs memory traffic every iteration).
+# Not here: a per-row mask at head dim 128 spills about 1 KB per thread at 128 x 64 tiles,
+# and the spill-free 64 x 32 tiles measured slower on the H100 (see block_config).
 NO_SPILLS = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd64_causal", "bf16_hd256", "bf16_hd256_full",
              "bf16_decode_split", "bf16_decode_pack_gqa", "bf16_hd64_key_padding", "bf16_hd128_key_padding_causal",
-             "bf16_hd64_full_mask", "bf16_hd128_row_mask_causal", "fp16_hd128_row_mask_short"]
+             "bf16_hd64_full_mask"]
 
 
 @pytest.mark.parametrize("variant", NO_SPILLS)

@@ -316,7 +316,7 @@ def _combine_splits_kernel(
 # --------------------------------------------------------------------------- block sizes
 
 
-def block_config(head_dim: int, head_dim_v: int, seqlen_q: int, mask_per_row: bool = False) -> dict:
+def block_config(head_dim: int, head_dim_v: int, seqlen_q: int) -> dict:
     """Block sizes and launch shape for one call.
 
     Under the interpreter the blocks are small so that short test sequences still
@@ -325,9 +325,11 @@ def block_config(head_dim: int, head_dim_v: int, seqlen_q: int, mask_per_row: bo
     block shrinks as the head dim grows so the K/V tiles fit shared memory.
     Short queries (decode) take 16-row blocks and long key blocks: they are
     bound by reading K/V, not by the matrix units.
-    A mask that differs per query row takes a (BLOCK_M, BLOCK_N) tile of mask
-    addresses and values in registers: above head dim 64 only 64 x 32 tiles with
-    8 warps keep it out of local memory.
+    A mask that differs per query row keeps these tiles although its (BLOCK_M, BLOCK_N)
+    tile of mask addresses and values spills at head dim 128 (about 1 KB per thread,
+    sm_90 ptxas; 64 x 32 tiles with 8 warps spill nothing): on the H100 a model's padded
+    prefill with such masks ran at 1.00x of torch SDPA with 128 x 64 (a115f0a) and 0.87x
+    with 64 x 32 (e52d2bb). ``python -m benchmarks.sweep --row-mask`` measures the rest.
     """
     d = max(head_dim, head_dim_v)
     if interpreting():
@@ -340,10 +342,6 @@ def block_config(head_dim: int, head_dim_v: int, seqlen_q: int, mask_per_row: bo
         cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if seqlen_q <= 64 and d <= 128:  # don't waste most of a 128-row tile
         cfg.update(BLOCK_M=64, num_warps=4)
-    if mask_per_row and 64 < d <= 128:
-        # sm_90 ptxas, hd128 bf16 causal, per-row bool mask: 128 x 64 / 8 warps spilled 1048 bytes
-        # per thread, 64 x 64 / 4 warps 1248, 128 x 32 / 8 warps 96, 64 x 32 / 8 warps none.
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3)
     return cfg
 
 
@@ -432,7 +430,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     mask_per_row = mask is not None and (mstrides[2] != 0 or (pack_gqa and mstrides[1] != 0))
     rows, programs_per_row_block = (group * L, B * Hkv) if pack_gqa else (L, B * Hq)
     may_step_down = config is None
-    cfg = dict(config or block_config(E, Ev, rows, mask_per_row))
+    cfg = dict(config or block_config(E, Ev, rows))
     block_d = max(16, triton.next_power_of_2(E))
     block_dv = max(16, triton.next_power_of_2(Ev))
 
