@@ -46,9 +46,11 @@ def registered_backends() -> dict[str, Backend]:
 
 def torch_fused_fits(f: Features) -> bool:
     """True when torch's own fused SDPA kernels (cuDNN, flash) run the call as it is:
-    CUDA fp16/bf16, no mask, no window beyond causal, no softcap/ALiBi/sinks, the
-    causal mask top-left (or L == S, where the alignments coincide), E == Ev."""
-    return (f.device_type == "cuda" and f.dtype in HALF_DTYPES and f.mask_dtype is None and f.positions_fit_torch
+    CUDA fp16/bf16, no mask (but a bool key-padding mask in decode, which cuDNN reads),
+    no window beyond causal, no softcap/ALiBi/sinks, the causal mask top-left (or L == S,
+    where the alignments coincide), E == Ev."""
+    mask_fits = f.mask_dtype is None or (f.short_queries and f.mask_dtype == torch.bool and f.mask_key_padding)
+    return (f.device_type == "cuda" and f.dtype in HALF_DTYPES and mask_fits and f.positions_fit_torch
             and not (f.has_softcap or f.has_alibi or f.has_sinks or f.want_lse or f.dropout or f.empty)
             and f.head_dim == f.head_dim_v and f.head_dim % 8 == 0 and f.head_dim <= 256)
 
@@ -62,10 +64,11 @@ def priority(features: Features) -> list[str]:
     101% of copy bandwidth against 98%. So on Hopper (sm_90+) such plain calls go
     to ``sdpa`` first; everything else (masks read in-kernel, windows, softcap,
     ALiBi, sinks, bottom-right causal with L != S, the log-sum-exp) goes to ``triton``,
-    which torch would run on slower paths or not at all. (Decode with a key-padding
-    mask measured 95% for triton against 99% for torch: a candidate for this rule
-    once prefill with padding is measured too.) Older GPUs are not measured yet:
-    ``triton`` first there.
+    which torch would run on slower paths or not at all. Decode with a bool key-padding
+    mask counts as plain: torch read the keys at 99% of copy bandwidth against 95% and 93%
+    for triton in two runs (b909d5d, e52d2bb: 64k keys, half of them padding). Prefill
+    with padding is not measured against torch yet and stays with ``triton``. Older GPUs
+    are not measured yet: ``triton`` first there.
 
     Between the two kernels (the same H100 run, e52d2bb, bf16 prefill at 4k, TFLOP/s triton /
     cuda): head dim 64 323 / 227 full and 283 / 186 causal, head dim 128 340-463 / 191-250,

@@ -60,6 +60,7 @@ class Features:
     last_dim_contiguous: bool
     want_lse: bool
     mask_key_padding: bool = False  # the mask varies only with batch and key: one row per sequence
+    short_queries: bool = False  # at most 16 query rows (decode): bound by reading K/V
 
     @property
     def positions_fit_torch(self) -> bool:
@@ -145,6 +146,7 @@ class AttentionCall:
             and any(t.requires_grad for t in (q, k, v, self.mask, self.alibi_slopes, self.sinks) if t is not None),
             last_dim_contiguous=all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in (q, k, v)),
             want_lse=self.want_lse,
+            short_queries=q.shape[2] <= 16,
             mask_key_padding=self.mask is not None and all(  # head and query dims absent, size 1 or stride 0
                 self.mask.dim() < -d or self.mask.shape[d] == 1 or self.mask.stride(d) == 0 for d in (-3, -2)),
         )

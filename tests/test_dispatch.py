@@ -76,6 +76,9 @@ def test_half_inputs_choose_plain_auto():
     ((9, 0), {"causal": True, "window": (-1, 0), "lower_right": True, "equal_lengths": False}, "triton"),
     ((9, 0), {"causal": True, "window": (-1, 0), "lower_right": True, "equal_lengths": True}, "sdpa"),
     ((9, 0), {"window": (-1, 0), "lower_right": True, "equal_lengths": False}, "triton"),  # flash-attn window, L != S
+    ((9, 0), {"mask_dtype": torch.bool, "mask_key_padding": True, "short_queries": True}, "sdpa"),  # padded decode
+    ((9, 0), {"mask_dtype": torch.bool, "mask_key_padding": True, "short_queries": False}, "triton"),  # prefill
+    ((9, 0), {"mask_dtype": torch.float16, "mask_key_padding": True, "short_queries": True}, "triton"),
     ((9, 0), {"head_dim": 256, "head_dim_v": 256, "has_softcap": True}, "cuda"),  # measured faster there
     ((9, 0), {"head_dim": 256, "head_dim_v": 256}, "sdpa"),
     ((8, 0), {"head_dim": 256, "head_dim_v": 256, "has_softcap": True}, "triton"),  # not measured
