@@ -171,3 +171,20 @@ def test_padded_batch_matches_reference(arch, dtype):
     backends = {r.backend for r in records}
     assert backends == {expected}, f"expected every call on {expected}, got {records}"
     assert_matches(got, ref, dtype, f"{arch} {dtype}")
+
+
+def test_switch_reaches_config_copies(monkeypatch):
+    """Transformers 5.17's set_attn_implementation left T5's encoder and decoder (deep copies
+    of the config) on their old attention; fastattn's switch moves every config still on it."""
+    model = make_model("t5", torch.float32)
+    configs = {id(m.config): m.config for m in model.modules() if getattr(m, "config", None) is not None}
+    assert len(configs) > 1, "T5 should keep copies of its config in its stacks"
+
+    def top_level_only(name):  # what 5.17 did for sub-models of the model's own config class
+        model.config._attn_implementation = name
+
+    monkeypatch.setattr(model, "set_attn_implementation", top_level_only)
+    hf.set_attn_implementation(model, "fastattn")
+    assert {c._attn_implementation for c in configs.values()} == {"fastattn"}
+    hf.set_attn_implementation(model, "eager")
+    assert {c._attn_implementation for c in configs.values()} == {"eager"}
