@@ -21,6 +21,7 @@
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
 #   rowmask   the same with a per-row mask (padded causal batch), 5 configs -> sweep.csv
 #   sweep256  the same at head dim 256, 5 configs                          -> sweep.csv
+#   splits    the CUDA op's split-KV decode against its number of splits  -> check.log
 #   model     Llama-3-8B-shaped layers, sdpa vs fastattn                   -> model.csv
 #   hfmodel   the same through Transformers' LlamaForCausalLM               -> model.csv
 #   report    stage table + compact tables + goals                        -> summary.md, bench.png
@@ -248,6 +249,13 @@ else
   # head dim 256: the Triton kernel ran at 0.26x of cuDNN on its 64 x 32 tiles (e52d2bb)
   stage sweep256 30 40 15 "$LOG" "$PY" -m benchmarks.sweep --csv "$OUT/sweep.csv" --jobs 8 --head-dim 256 \
     --configs 64x32x8x2 64x64x8x2 128x32x8x2 64x32x4x3 128x64x8x2
+fi
+
+# ---------------------------------------------------------------- CUDA decode splits
+if [ "$DRY" = 1 ]; then
+  stage splits 30 20 10 "$LOG" "$PY" -m benchmarks.cuda_splits
+else
+  stage splits 30 40 10 "$LOG" "$PY" -m benchmarks.cuda_splits
 fi
 
 # ---------------------------------------------------------------- model
