@@ -33,6 +33,8 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -192,8 +194,6 @@ def find_cuda_home() -> tuple[Optional[str], list[str]]:
     Candidates, in order: $CUDA_HOME, $CUDA_PATH, nvcc on PATH with links resolved,
     /usr/local/cuda, /usr/local/cuda-* (newest first); the first real toolkit wins.
     """
-    import shutil
-
     candidates: list[str] = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -353,8 +353,10 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
             start = time.monotonic()
             try:
                 _compile(directory, archs, head_dims, cutlass_include, verbose=verbose, jobs=jobs)
+                _check_cxx_runtime(lib)
             except Exception as exc:
-                reason = f"building the CUDA extension failed ({type(exc).__name__}): {_tail(str(exc))}"
+                reason = (str(exc) if isinstance(exc, BuildError)
+                          else f"building the CUDA extension failed ({type(exc).__name__}): {_tail(str(exc))}")
                 failed.write_text(reason + "\n")
                 raise BuildError(reason) from exc
             failed.unlink(missing_ok=True)
@@ -362,6 +364,27 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
     if load_library:
         _load_library(lib)
     return lib
+
+
+def carries_own_cxx_runtime(lib: Path) -> Optional[bool]:
+    """Whether ``lib`` has libstdc++ linked in rather than needed from the process (None:
+    no readelf to tell). The extension uses libstdc++ throughout, so a library that does not
+    list it as NEEDED carries a copy of its own."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    dynamic = subprocess.run([readelf, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    return "libstdc++.so" not in dynamic
+
+
+def _check_cxx_runtime(lib: Path) -> None:
+    """Refuse a library with its own libstdc++ (see LINK_FLAGS): it would crash on error messages."""
+    if carries_own_cxx_runtime(lib):
+        lib.unlink()
+        compiler = os.environ.get("CXX", "c++")
+        raise BuildError(f"the host compiler ({compiler}) linked libstdc++ into the CUDA extension statically, "
+                         "although it was asked not to; such a library crashes when it reports an error. "
+                         "Build with a compiler that links it dynamically, e.g. CXX=/usr/bin/g++")
 
 
 def _has_ninja() -> bool:

@@ -467,3 +467,25 @@ def test_opcheck_and_compile_on_gpu(mark):
     compiled = torch.compile(lambda q, k, v: torch.ops.fastattn.fwd(q, k, v, 0.125)[0] * 2, backend="aot_eager",
                              fullgraph=True)
     torch.testing.assert_close(compiled(q, k, k), torch.ops.fastattn.fwd(q, k, k, 0.125)[0] * 2)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_library_with_its_own_libstdcxx_is_refused(tmp_path, static):
+    import shutil
+    import subprocess
+
+    if shutil.which("g++") is None or shutil.which("readelf") is None:
+        pytest.skip("needs g++ and readelf")
+    source = tmp_path / "f.cpp"
+    source.write_text('#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n')
+    lib = tmp_path / "f.so"
+    command = ["g++", "-shared", "-fPIC", str(source), "-o", str(lib)] + (["-static-libstdc++"] if static else [])
+    subprocess.run(command, check=True, capture_output=True)
+    assert _extension.carries_own_cxx_runtime(lib) is static
+    if static:
+        with pytest.raises(_extension.BuildError, match="linked libstdc\\+\\+ into the CUDA extension statically"):
+            _extension._check_cxx_runtime(lib)
+        assert not lib.exists(), "a refused library must not stay where load() would find it"
+    else:
+        _extension._check_cxx_runtime(lib)
+        assert lib.exists()
