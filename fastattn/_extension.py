@@ -353,7 +353,11 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
             start = time.monotonic()
             try:
                 _compile(directory, archs, head_dims, cutlass_include, verbose=verbose, jobs=jobs)
-                _check_cxx_runtime(lib)
+                try:
+                    _check_cxx_runtime(lib)
+                except BuildError:
+                    lib.unlink()  # never found and loaded later
+                    raise
             except Exception as exc:
                 reason = (str(exc) if isinstance(exc, BuildError)
                           else f"building the CUDA extension failed ({type(exc).__name__}): {_tail(str(exc))}")
@@ -368,23 +372,23 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
 
 def carries_own_cxx_runtime(lib: Path) -> Optional[bool]:
     """Whether ``lib`` has libstdc++ linked in rather than needed from the process (None:
-    no readelf to tell). The extension uses libstdc++ throughout, so a library that does not
-    list it as NEEDED carries a copy of its own."""
+    no readelf, or not a shared library it can read). The extension uses libstdc++
+    throughout, so a library that does not list it as NEEDED carries a copy of its own."""
     readelf = shutil.which("readelf")
     if readelf is None:
         return None
-    dynamic = subprocess.run([readelf, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
-    return "libstdc++.so" not in dynamic
+    dynamic = subprocess.run([readelf, "-d", str(lib)], capture_output=True, text=True)
+    if dynamic.returncode != 0 or "(NEEDED)" not in dynamic.stdout:
+        return None
+    return "libstdc++.so" not in dynamic.stdout
 
 
 def _check_cxx_runtime(lib: Path) -> None:
     """Refuse a library with its own libstdc++ (see LINK_FLAGS): it would crash on error messages."""
     if carries_own_cxx_runtime(lib):
-        lib.unlink()
-        compiler = os.environ.get("CXX", "c++")
-        raise BuildError(f"the host compiler ({compiler}) linked libstdc++ into the CUDA extension statically, "
-                         "although it was asked not to; such a library crashes when it reports an error. "
-                         "Build with a compiler that links it dynamically, e.g. CXX=/usr/bin/g++")
+        raise BuildError(f"{lib} has libstdc++ linked in statically (the host compiler's doing: CXX="
+                         f"{os.environ.get('CXX', 'c++')} here), and such a library crashes when it reports an "
+                         "error; rebuild it with a compiler that links libstdc++ dynamically, e.g. CXX=/usr/bin/g++")
 
 
 def _has_ninja() -> bool:
@@ -423,6 +427,7 @@ def _compile(directory: Path, archs: Sequence[str], head_dims: Sequence[int], cu
 def _load_library(lib: Path) -> None:
     import torch
 
+    _check_cxx_runtime(lib)  # an ahead-of-time build, or one made by an older fastattn
     try:
         torch.ops.load_library(str(lib))
     except Exception as exc:
