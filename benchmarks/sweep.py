@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--row-mask", action="store_true", help="a bool mask per query row (padded causal batch)")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compile in N processes first")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "sweep.csv")
+    parser.add_argument("--run-timestamp", help="label the rows with this run timestamp (to join runs of one check)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: a tiny shape through the Triton interpreter")
     args = parser.parse_args(argv)
 
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
     shape = (B, H, L, D)
     configs = [c for c in args.configs if not dry or c[0] * c[1] <= 128 * 64]
     info = run_info(device)
+    if args.run_timestamp:
+        info["timestamp"] = args.run_timestamp
     default = block_config(D, D, L)
     default_key = (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], default["num_stages"])
     if not dry and default_key not in configs:

@@ -92,3 +92,14 @@ def test_transformers_model_decode_repeats_one_step(tmp_path):
         (a, m) for a in ("sdpa", "fastattn") for m in ("prefill", "prefill padded", "decode")]
     assert all(r["status"] == "ok" for r in rows), rows
     assert {r["context"] for r in rows if r["measure"] == "decode"} == {"48"}
+
+
+def test_appending_new_columns_to_an_old_csv_keeps_rows_aligned(tmp_path):
+    from benchmarks.report import append_rows
+
+    path = tmp_path / "sweep.csv"
+    append_rows(path, [dict(case="old", ms=1.5)], ["case", "ms"])
+    append_rows(path, [dict(case="new", mask="rows", ms=2.5)], ["case", "mask", "ms"])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [dict(case="old", mask="", ms="1.5"), dict(case="new", mask="rows", ms="2.5")]
