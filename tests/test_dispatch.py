@@ -271,3 +271,17 @@ def test_grad_through_alibi_slopes_is_a_reason():
     (ref.transpose(1, 2) * weights).sum().backward()
     torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(slopes.grad.double(), ref_slopes.grad, atol=2e-3, rtol=2e-3)
+
+
+def test_float32_bias_beside_float64_inputs_stays_float64():
+    """ALiBi's float32 bias must not pull float64 inputs down to float32 (nor half inputs' bias
+    down to half): compare with a float64 reference at float64 precision."""
+    q = torch.randn(1, 6, 2, 16, device=DEVICE, dtype=torch.float64)
+    slopes = torch.tensor([0.5, 0.25], device=DEVICE)
+    out = fastattn.flash_attn_func(q, q, q, alibi_slopes=slopes)
+    x = q.transpose(1, 2)
+    pos = torch.arange(q.shape[1], device=DEVICE)
+    bias = -slopes.double()[:, None, None] * (pos[:, None] - pos[None, :]).abs()
+    ref = torch.softmax(x @ x.transpose(-1, -2) / 4.0 + bias, dim=-1) @ x
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-12, rtol=1e-12)

@@ -101,9 +101,13 @@ class SDPABackend(Backend):
             mask = combine_masks(mask, positional_bias(call))
         q, k, v = call.q, call.k, call.v
         if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
-            # A float32 bias (ALiBi, or a float mask combined with a window): torch's CUDA kernels
-            # want it in q's dtype, where ALiBi's distances would round; compute in float32.
-            q, k, v = q.float(), k.float(), v.float()
+            # torch wants the bias in q's dtype. A float32 bias (ALiBi, or a float mask combined
+            # with a window) beside half inputs would round ALiBi's distances there: compute in
+            # float32 instead. Beside float64 inputs the bias widens exactly.
+            if q.element_size() < mask.element_size():
+                q, k, v = (t.to(mask.dtype) for t in (q, k, v))
+            else:
+                mask = mask.to(q.dtype)
         out = torch_sdpa(
             q, k, v,
             attn_mask=mask,
