@@ -188,3 +188,6 @@ def test_switch_reaches_config_copies(monkeypatch):
     assert {c._attn_implementation for c in configs.values()} == {"fastattn"}
     hf.set_attn_implementation(model, "eager")
     assert {c._attn_implementation for c in configs.values()} == {"eager"}
+    next(c for c in configs.values() if c is not model.config)._attn_implementation = "sdpa"  # out of step
+    hf.set_attn_implementation(model, "fastattn")
+    assert {c._attn_implementation for c in configs.values()} == {"fastattn"}

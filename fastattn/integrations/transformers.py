@@ -45,6 +45,7 @@ __all__ = [
     "patch",
     "unpatch",
     "is_patched",
+    "set_attn_implementation",
     "check",
     "record_backends",
     "CallRecord",
@@ -353,13 +354,12 @@ def set_attn_implementation(model, name: str):
     """``model.set_attn_implementation(name)``, also reaching the copies of the model's config
     that some Transformers versions leave behind: 5.17 skips sub-models whose config has the
     model's own class, so T5's encoder and decoder stacks (deep copies of its config) kept
-    their attention. Any config still on the model's previous implementation follows it."""
-    previous = model.config._attn_implementation
+    their attention. Configs of other classes (a vision tower's, say) are Transformers' to set."""
     model.set_attn_implementation(name)
     for module in model.modules():
         config = getattr(module, "config", None)
-        if (config is not None and config is not model.config
-                and getattr(config, "_attn_implementation", None) == previous != name):
+        if (config is not None and config is not model.config and type(config) is type(model.config)
+                and config._attn_implementation != name):
             config._attn_implementation = name
     return model
 
