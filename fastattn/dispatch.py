@@ -81,7 +81,8 @@ def priority(features: Features) -> list[str]:
     """
     hopper = (features.device_type == "cuda" and torch.cuda.is_available()
               and _device.capability(features.device_index) >= (9, 0))
-    kernels = ("cuda", "triton") if hopper and features.head_dim > 128 else ("triton", "cuda")
+    wide = max(features.head_dim, features.head_dim_v) > 128  # what the CUDA kernel pads to
+    kernels = ("cuda", "triton") if hopper and wide else ("triton", "cuda")
     order = [name for name in kernels if name in _REGISTRY]
     order += [name for name in _REGISTRY if name not in order and name != "sdpa"]
     if hopper and torch_fused_fits(features):
