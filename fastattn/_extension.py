@@ -316,6 +316,7 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
     Holds a file lock on the build directory, so concurrent callers build once.
     With ``load_library=False`` only compiles (for machines without a GPU).
     """
+    global _refused
     import torch
 
     if torch.version.cuda is None:
@@ -355,8 +356,9 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
                 _compile(directory, archs, head_dims, cutlass_include, verbose=verbose, jobs=jobs)
                 try:
                     _check_cxx_runtime(lib)
-                except BuildError:
-                    lib.unlink()  # never found and loaded later
+                except BuildError as refused:
+                    lib.unlink()  # never found by a later process
+                    _refused = str(refused)  # torch's builder has loaded it into this one already
                     raise
             except Exception as exc:
                 reason = (str(exc) if isinstance(exc, BuildError)
@@ -440,6 +442,7 @@ def _load_library(lib: Path) -> None:
 _lock = threading.Lock()
 _status: Optional[ExtensionStatus] = None
 _logged: set[str] = set()
+_refused: Optional[str] = None  # a library built and loaded here, then refused (see _check_cxx_runtime)
 
 
 def reset() -> None:
@@ -486,6 +489,8 @@ def _try_load(build_if_missing: bool) -> ExtensionStatus:
                                       "install a CUDA build of torch")
     if not torch.cuda.is_available():
         return ExtensionStatus(False, "no CUDA device in this process (torch.cuda.is_available() is False)")
+    if _refused is not None:  # its ops are registered, but must not be used
+        return ExtensionStatus(False, f"{_refused} (restart the process after rebuilding)")
     if _op_loaded():  # loaded by an earlier build() in this process
         return _loaded_status(None)
     aot = _aot_library()

@@ -487,3 +487,32 @@ def test_a_library_with_its_own_libstdcxx_is_refused(tmp_path, static):
             _extension._load_library(lib)
     else:
         _extension._check_cxx_runtime(lib)
+
+
+def test_a_refused_build_stays_refused_in_its_process(tmp_path, monkeypatch):
+    """torch's builder loads what it links; a library refused after that must not be used."""
+    import shutil
+    import subprocess
+
+    if shutil.which("g++") is None or shutil.which("readelf") is None:
+        pytest.skip("needs g++ and readelf")
+    if torch.version.cuda is None or _extension.find_cuda_home()[0] is None:
+        pytest.skip("build() needs a CUDA build of torch and a CUDA toolkit before it compiles")
+    source = tmp_path / "f.cpp"
+    source.write_text('#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n')
+
+    def fake_compile(directory, *args, **kwargs):  # links like a compiler that forces a static libstdc++
+        subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(_extension._library_path(directory)),
+                        "-static-libstdc++"], check=True, capture_output=True)
+
+    monkeypatch.setattr(_extension, "_compile", fake_compile)
+    monkeypatch.setattr(_extension, "cutlass_include_or_raise", lambda: str(tmp_path))
+    monkeypatch.setattr(_extension, "_has_ninja", lambda: True)
+    monkeypatch.setattr(_extension, "_refused", None)
+    with pytest.raises(_extension.BuildError, match="libstdc\\+\\+ linked in statically"):
+        _extension.build(("8.0",), (64,), directory=tmp_path / "build", load_library=False)
+    assert not _extension._library_path(tmp_path / "build").exists()
+    assert "linked in statically" in (tmp_path / "build" / "build_failed.txt").read_text()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    status = _extension._try_load(build_if_missing=False)
+    assert not status.loaded and "linked in statically" in status.reason
