@@ -115,10 +115,19 @@ class AttentionCall:
 
     @property
     def key_bounds(self) -> tuple[int, int]:
-        """(left, right) key bounds around each query's diagonal, causal folded in (-1 = unbounded)."""
+        """(left, right) key bounds around each query's diagonal, causal folded in (-1 = unbounded).
+
+        A bound that rules out no key for any query is dropped: causal in a decode step with
+        bottom-right alignment, or a diagonal past the last key. Such calls then look alike
+        to dispatch at every step (one cached decision) and run without per-key checks."""
         left, right = self.window
         if self.causal:
             right = 0 if right < 0 else min(right, 0)
+        diag = self.diag_offset
+        if right >= 0 and diag + right >= self.seqlen_k - 1:  # query 0 already sees the last key
+            right = -1
+        if left >= 0 and self.seqlen_q - 1 + diag - left <= 0:  # the last query still sees key 0
+            left = -1
         return left, right
 
     @cached_property

@@ -285,3 +285,18 @@ def test_float32_bias_beside_float64_inputs_stays_float64():
     ref = torch.softmax(x @ x.transpose(-1, -2) / 4.0 + bias, dim=-1) @ x
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-12, rtol=1e-12)
+
+
+def test_bounds_that_rule_out_no_key_are_dropped():
+    """Causal in a bottom-right decode step, or a window wider than the keys, bounds nothing:
+    the call then looks like a plain one (the same cached decision at every step)."""
+    q = torch.randn(1, 1, 2, 16, device=DEVICE, dtype=torch.float16)  # flash layout (B, L, H, D)
+    k = torch.randn(1, 50, 2, 16, device=DEVICE, dtype=torch.float16)
+    assert fastattn.explain_flash(q, k, k, causal=True).features.window == (-1, -1)
+    assert fastattn.explain_flash(q, k, k, window_size=(49, 0)).features.window == (-1, -1)
+    assert fastattn.explain_flash(q, k, k, window_size=(48, 0)).features.window == (48, -1)
+    prefill = torch.randn(1, 50, 2, 16, device=DEVICE, dtype=torch.float16)
+    assert fastattn.explain_flash(prefill, k, k, causal=True).features.window == (-1, 0)
+    one_key = k[:, :1]
+    assert fastattn.explain(prefill.transpose(1, 2), one_key.transpose(1, 2), one_key.transpose(1, 2),
+                            is_causal=True).features.window == (-1, -1)

@@ -166,9 +166,9 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     # no mask and more keys than queries (prefill into an empty static cache) the
     # alignment stays top-left, as SDPA's: the keys past the queries are not filled yet.
     causal = bool(is_causal) and L > 1 and mask is None
-    window = (-1, -1)
-    if compact is not None and diag < S - 1:  # top-left: key j visible when j <= i + diag
-        window = (-1, diag)  # (diag >= S - 1, as in every decode step, bounds nothing: no window, one cache entry)
+    # top-left: key j visible when j <= i + diag (a diag past the last key, as in every decode
+    # step, bounds nothing: AttentionCall.key_bounds drops it)
+    window = (-1, diag) if compact is not None else (-1, -1)
     sliding_window = kwargs.get("sliding_window")
     if causal and sliding_window is not None and sliding_window > 0:
         # Transformers' window includes the current token: kv_idx > q_idx - W, i.e. W - 1 keys to the left.
