@@ -525,6 +525,9 @@ def load(build: bool = False) -> ExtensionStatus:
     """Load the extension (an ahead-of-time or cached build); with ``build=True`` also
     compile it when there is none yet (minutes, with a message). Never raises."""
     global _status
+    status = _status
+    if status is not None and not (build and status.buildable):
+        return status  # without the lock: torch.compile traces this path and cannot enter a lock
     with _lock:
         if _status is None or (build and _status.buildable):
             level = logging.WARNING  # a build or load that went wrong on a CUDA machine

@@ -134,6 +134,7 @@ def _strict() -> bool:
     return os.environ.get("FASTATTN_STRICT", "0").strip().lower() in ("1", "true", "yes")
 
 
+@torch.compiler.assume_constant_result  # read while tracing (torch.compile cannot trace the flag getters)
 def torch_restriction() -> tuple[str, ...]:
     """The SDPA backends torch was told not to use (``torch.nn.attention.sdpa_kernel``)."""
     flags = {

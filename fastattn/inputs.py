@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
-from functools import cached_property
 from typing import Optional
 
 import torch
@@ -130,8 +129,16 @@ class AttentionCall:
             left = -1
         return left, right
 
-    @cached_property
+    @property
     def features(self) -> Features:
+        """Computed once per call. (Not functools.cached_property: Python 3.11's takes an
+        RLock, which torch.compile cannot trace, so every compiled call broke its graph.)"""
+        features = self.__dict__.get("_features")
+        if features is None:
+            features = self.__dict__["_features"] = self._features()
+        return features
+
+    def _features(self) -> Features:
         q, k, v = self.q, self.k, self.v
         return Features(
             device_type=q.device.type,

@@ -58,3 +58,19 @@ def test_compiled_sdpa_with_a_bool_mask(dtype):
     ref, _ = reference_attention(q, k, v, mask=mask)
     ref_lowp, _ = reference_attention(q, k, v, mask=mask, compute_dtype=None)
     assert_close_by_rule(got / 2, ref.float(), ref_lowp)
+
+
+@pytest.mark.parametrize("front", ["sdpa", "flash"])
+def test_front_ends_compile_without_graph_breaks(front):
+    """fullgraph=True: the dispatch decision is made while tracing, none of it breaks the graph
+    (Python 3.11's functools.cached_property lock and torch's SDPA flag getters once did)."""
+    q, k, v, mask = inputs()
+
+    def attend(q, k, v, mask):
+        if front == "sdpa":
+            return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) * 2
+        return fastattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True) * 2
+
+    torch._dynamo.reset()
+    got = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    torch.testing.assert_close(got, attend(q, k, v, mask))
