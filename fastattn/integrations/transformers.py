@@ -230,16 +230,16 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                        "(norms upcast for k-bit training?); attention runs in " f"{target} and returns float32")
             query, key, value = query.to(target), key.to(target), value.to(target)
     call = _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-    device_ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
-    with device_ctx:  # device maps: launch on this layer's device (and its current stream)
-        if kwargs.get("output_attentions"):
-            _warn_once("output_attentions",
-                       "fastattn: output_attentions=True computes attention with eager math (slower) to return the weights")
-            out, weights = _eager_with_weights(call)
-        else:
-            _record(module, call)
-            out, _ = attention(call)
-            weights = None
+    # Device maps need no device switch here: each backend launches on the tensors' own device
+    # and its current stream (the Triton launcher's device guard, the CUDA op's CUDAGuard, torch).
+    if kwargs.get("output_attentions"):
+        _warn_once("output_attentions",
+                   "fastattn: output_attentions=True computes attention with eager math (slower) to return the weights")
+        out, weights = _eager_with_weights(call)
+    else:
+        _record(module, call)
+        out, _ = attention(call)
+        weights = None
     out = out.transpose(1, 2).contiguous()
     if out.dtype != in_dtype:
         out = out.to(in_dtype)
