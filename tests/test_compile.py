@@ -74,3 +74,23 @@ def test_front_ends_compile_without_graph_breaks(front):
     torch._dynamo.reset()
     got = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, mask)
     torch.testing.assert_close(got, attend(q, k, v, mask))
+
+
+def test_cuda_backend_traces_without_graph_breaks(monkeypatch):
+    """The cuda backend's checks under torch.compile: the extension's status is read as a
+    constant (first use included: a lock and file checks), and the inputs' start taken as
+    aligned (fake tensors have no data pointer)."""
+    from fastattn import _extension
+    from fastattn.backends import cuda
+
+    monkeypatch.setattr(_extension, "_status", None)  # the first use happens while tracing
+    x = torch.randn(2, 3, 5, 64)[:, :, 1:]  # a view 64 elements in: 16-byte aligned
+
+    def check(x):
+        backend = fastattn.registered_backends()["cuda"]
+        reasons = backend.availability()
+        return cuda.prepare(x, 64) * (len(reasons) + len(backend.compiled_head_dims()))
+
+    torch._dynamo.reset()
+    got = torch.compile(check, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, check(x))

@@ -35,9 +35,18 @@ def padded_head_dim(head_dim: int, compiled: tuple[int, ...]) -> Optional[int]:
 
 def _kernel_ready(t: torch.Tensor, head_dim: int) -> bool:
     """What the kernel reads directly: the compiled head dim, last dim contiguous, 16-byte
-    aligned start and batch/head/row strides in multiples of 8 elements (16-byte copies)."""
-    return (t.shape[-1] == head_dim and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(t.stride(i) % 8 == 0 for i in range(3)))
+    aligned start and batch/head/row strides in multiples of 8 elements (16-byte copies).
+    While torch.compile traces there is no data pointer to read: the start is assumed aligned,
+    as model activations and KV caches are (the op checks the real pointer and says so if not)."""
+    aligned = torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    return t.shape[-1] == head_dim and t.stride(-1) == 1 and aligned and all(t.stride(i) % 8 == 0 for i in range(3))
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads it while tracing (a lock and file checks inside)
+def _extension_state() -> tuple[bool, str, tuple[int, ...]]:
+    """(loaded, reason, compiled head dims) of the CUDA extension, as :func:`_extension.load` says."""
+    status = _extension.load()
+    return status.loaded, status.reason or "", tuple(status.head_dims) if status.loaded else ()
 
 
 def prepare(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -60,12 +69,12 @@ class CudaBackend(Backend):
         return not before.loaded and _extension.load(build=True).loaded
 
     def availability(self) -> list[str]:
-        status = _extension.load()
-        return [] if status.loaded else [f"the CUDA extension is not available: {status.reason}"]
+        loaded, reason, _ = _extension_state()
+        return [] if loaded else [f"the CUDA extension is not available: {reason}"]
 
     def compiled_head_dims(self) -> tuple[int, ...]:
-        status = _extension.load()
-        return status.head_dims if status.loaded else _extension.ALL_HEAD_DIMS
+        loaded, _, head_dims = _extension_state()
+        return head_dims if loaded else _extension.ALL_HEAD_DIMS
 
     def not_supported_reasons(self, f: Features) -> list[str]:
         reasons = []
