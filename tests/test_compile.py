@@ -52,7 +52,7 @@ def test_compiled_sdpa_with_a_bool_mask(dtype):
 
     torch._dynamo.reset()
     with fastattn.use_backend("triton"):
-        got = torch.compile(attend, backend=recording_backend)(q, k, v, mask)
+        got = torch.compile(attend, backend=recording_backend, fullgraph=True)(q, k, v, mask)
     targets = {node.target for gm in graphs for node in gm.graph.nodes}
     assert torch.ops.fastattn.triton_fwd.default in targets, "the kernel did not enter the graph as its custom op"
     ref, _ = reference_attention(q, k, v, mask=mask)
