@@ -245,7 +245,10 @@ def explain_call(call: AttentionCall) -> Explanation:
     forced = forced_backend()
     if forced is not None and _forced.get() is None:  # forced by FASTATTN_BACKEND
         _prepare(forced)
-    return _decide(call.features, forced, _strict(), torch_restriction(), interpreting())
+    # While torch.compile traces, the decision is worked out afresh (and baked into the graph):
+    # Dynamo ignores lru_cache, and warns when it meets one.
+    decide = _decide.__wrapped__ if torch.compiler.is_compiling() else _decide
+    return decide(call.features, forced, _strict(), torch_restriction(), interpreting())
 
 
 def select(call: AttentionCall) -> Backend:

@@ -1,7 +1,6 @@
 """The Triton flash-attention kernel (fastattn/kernels/triton)."""
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -13,13 +12,18 @@ from .base import Backend, forward_only_reasons
 MAX_HEAD_DIM = 256
 
 
-@functools.lru_cache(maxsize=None)
+_import_result: list[str | None] = []  # filled once
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads it while tracing (an import inside)
 def _import_error() -> str | None:
-    try:
-        from ..kernels.triton import flash_fwd  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken triton install
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    if not _import_result:
+        try:
+            from ..kernels.triton import flash_fwd  # noqa: F401
+            _import_result.append(None)
+        except Exception as exc:  # ImportError, or a broken triton install
+            _import_result.append(f"{type(exc).__name__}: {exc}")
+    return _import_result[0]
 
 
 class TritonBackend(Backend):
