@@ -60,3 +60,38 @@ def test_greedy_generate_half_close_logits(cache):
     first = (logits[:, 0].float() - ref_logits[:, 0].float()).abs().max().item()
     bound = atol + rtol * ref_logits.float().abs().max().item()
     assert first <= bound and diff <= bound, (first, diff, bound)
+
+
+def test_static_cache_generation_under_torch_compile():
+    """Transformers' compiled decoding: the forward under torch.compile with a StaticCache,
+    left padding, fastattn's attention: the same tokens as eager attention without compile."""
+    model = make_model("llama", torch.float32)
+    ids, mask = left_padded()
+    ref_tokens, ref_logits = generate(model, "eager", ids, mask, "static")
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="aot_eager")
+    try:
+        tokens, logits = generate(model, "fastattn", ids, mask, "static")
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max().item() <= 1e-4
+
+
+def test_attention_forward_compiles_without_graph_breaks():
+    """The attention function Transformers calls, as a decode step calls it (one query,
+    a key-padding mask), traces as one graph."""
+    module = make_model("llama", torch.float32).model.layers[0].self_attn
+    heads, kv_heads, dim = module.config.num_attention_heads, module.config.num_key_value_heads, module.head_dim
+    q = torch.randn(3, heads, 1, dim, device=DEVICE)
+    k, v = (torch.randn(3, kv_heads, 9, dim, device=DEVICE) for _ in range(2))
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool, device=DEVICE)
+    mask[0, ..., :3] = False
+
+    def attend(q, k, v, mask):
+        return hf.attention_forward(module, q, k, v, mask, dropout=0.0, scaling=dim ** -0.5)[0]
+
+    torch._dynamo.reset()
+    got = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    torch.testing.assert_close(got, attend(q, k, v, mask))
