@@ -169,8 +169,9 @@ def test_output_attentions_returns_eager_weights():
 
     ref, ref_w = eager_attention_forward(module, q, k, v, torch.where(mask, 0.0, float("-inf")), scaling=0.25)
     hf._warned.discard("output_attentions")
-    with pytest.warns(UserWarning, match="output_attentions"):
+    with pytest.warns(UserWarning, match="output_attentions"), hf.record_backends() as records:
         out, w = hf.attention_forward(module, q, k, v, mask, scaling=0.25, output_attentions=True)
+    assert [(r.backend, r.why_not_triton) for r in records] == [("sdpa", (hf.WEIGHTS_REASON,))]
     keep = mask.any(-1)[:, 0]
     assert_same(out, ref, keep)
     assert (w[keep.unsqueeze(1).expand_as(w[..., 0])] - ref_w[keep.unsqueeze(1).expand_as(w[..., 0])]).abs().max() < 1e-5

@@ -91,15 +91,22 @@ def record_backends() -> Iterator[list[CallRecord]]:
         _records.reset(token)
 
 
-def _record(module, call: AttentionCall) -> None:
+WEIGHTS_REASON = "output_attentions=True: the attention weights come from exact eager math"
+
+
+def _record(module, call: AttentionCall, with_weights: bool = False) -> None:
     records = _records.get()
     if records is None:
         return
-    decision = dispatch.explain_call(call)
     layer = getattr(module, "layer_idx", None)
     name = type(module).__name__ + (f"[layer {layer}]" if layer is not None else "")
-    triton_reasons = () if decision.chosen == "triton" else dict(decision.verdicts).get("triton", ("not registered",))
-    records.append(CallRecord(name, decision.chosen or "none", call.q.dtype,
+    if with_weights:  # no backend is asked: only the eager math returns the weights
+        backend, triton_reasons = "sdpa", (WEIGHTS_REASON,)
+    else:
+        decision = dispatch.explain_call(call)
+        backend = decision.chosen or "none"
+        triton_reasons = () if backend == "triton" else dict(decision.verdicts).get("triton", ("not registered",))
+    records.append(CallRecord(name, backend, call.q.dtype,
                               (call.q.shape[0], call.q.shape[1], call.seqlen_q, call.seqlen_k), tuple(triton_reasons)))
 
 
@@ -235,6 +242,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if kwargs.get("output_attentions"):
         _warn_once("output_attentions",
                    "fastattn: output_attentions=True computes attention with eager math (slower) to return the weights")
+        _record(module, call, with_weights=True)
         out, weights = _eager_with_weights(call)
     else:
         _record(module, call)
