@@ -184,6 +184,16 @@ def padded_lengths(batch: int, seqlen: int, device) -> torch.Tensor:
     return torch.linspace(lo, hi, batch, device=device).round().to(torch.int32)
 
 
+def padded_row_mask(lengths: torch.Tensor, seqlen: int, causal: bool = True) -> torch.Tensor:
+    """(B, 1, L, L) bool, as a right-padded batch sends it: each sequence's real keys, and
+    with ``causal`` only those at or before the query (a mask that differs per query row)."""
+    keys = torch.arange(seqlen, device=lengths.device)
+    keep = (keys[None, None, :] < lengths[:, None, None]).expand(len(lengths), seqlen, seqlen)
+    if causal:
+        keep = keep & (keys[None, :, None] >= keys[None, None, :])
+    return keep[:, None].contiguous()
+
+
 def make_inputs(case: Case, device, requires_grad: Optional[bool] = None) -> Inputs:
     """Fresh random inputs (never zeros) for one case."""
     dtype = case.torch_dtype

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fastattn
 
+from .cases import padded_lengths, padded_row_mask
 from .measure import peak_memory_mb, run_info, time_cuda
 from .report import append_rows
 
@@ -197,12 +198,6 @@ def transformers_measures(shape: Shape, device, dtype, ids, lengths, step_ids, d
     return setup, measures
 
 
-def padded_causal_mask(lengths, L, device):
-    """Right-padded batch: query i sees keys j <= i that are real tokens. (B, 1, L, L) bool."""
-    i = torch.arange(L, device=device)
-    return ((i[None, :] <= i[:, None])[None] & (i[None, None, :] < lengths[:, None, None]))[:, None]
-
-
 def timed(fn, device) -> float:
     """Median ms: CUDA events via do_bench on the GPU; a few wall-clock runs on the CPU."""
     if device.type == "cuda":
@@ -299,8 +294,8 @@ def main(argv=None) -> int:
     print(f"{name} on {info['device']}: prefill {pb}x{pl}, decode {db} sequences at context {dctx}", flush=True)
 
     ids = torch.randint(0, shape.vocab, (pb, pl), device=device)
-    lengths = torch.linspace(pl // 4, 3 * pl // 4, pb, device=device).round().long()  # half padding
-    mask = padded_causal_mask(lengths, pl, device)
+    lengths = padded_lengths(pb, pl, device)  # half padding
+    mask = padded_row_mask(lengths, pl)
     step_ids = torch.randint(0, shape.vocab, (db, 1), device=device)
     kv_shape = (db, shape.kv_heads, dctx + 1, shape.head_dim)
     caches = None if args.transformers else [

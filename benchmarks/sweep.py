@@ -60,15 +60,10 @@ def make_qkv(shape, dtype, device, seed: int = 0):
 
 
 def make_row_mask(shape, causal: bool, device) -> torch.Tensor:
-    """(B, 1, L, L) bool: keys below each sequence's length (a quarter to three quarters of
-    L), and at or before the query when ``causal``."""
-    B, _, L, _ = shape
-    lengths = torch.linspace(L // 4, 3 * L // 4, B, device=device).round().long()
-    keys = torch.arange(L, device=device)
-    keep = (keys[None, None, :] < lengths[:, None, None]).expand(B, L, L)
-    if causal:
-        keep = keep & (keys[None, :, None] >= keys[None, None, :])
-    return keep[:, None].contiguous()
+    """The padded batch's per-row mask for ``shape`` (B, H, L, D): see cases.padded_row_mask."""
+    from .cases import padded_lengths, padded_row_mask
+
+    return padded_row_mask(padded_lengths(shape[0], shape[2], device), shape[2], causal)
 
 
 def run_config(cfg, causal: bool, shape, dtype, device, row_mask: bool = False):

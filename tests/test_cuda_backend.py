@@ -469,18 +469,24 @@ def test_opcheck_and_compile_on_gpu(mark):
     torch.testing.assert_close(compiled(q, k, k), torch.ops.fastattn.fwd(q, k, k, 0.125)[0] * 2)
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_a_library_with_its_own_libstdcxx_is_refused(tmp_path, static):
+def _link_tiny_library(path, static: bool) -> None:
+    """A shared library that formats a number through iostreams, linked with or without its
+    own copy of libstdc++ (what a compiler forcing -static-libstdc++ does)."""
     import shutil
     import subprocess
 
     if shutil.which("g++") is None or shutil.which("readelf") is None:
         pytest.skip("needs g++ and readelf")
-    source = tmp_path / "f.cpp"
+    source = path.with_suffix(".cpp")
     source.write_text('#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n')
+    subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(path)] + (["-static-libstdc++"] if static else []),
+                   check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_library_with_its_own_libstdcxx_is_refused(tmp_path, static):
     lib = tmp_path / "f.so"
-    command = ["g++", "-shared", "-fPIC", str(source), "-o", str(lib)] + (["-static-libstdc++"] if static else [])
-    subprocess.run(command, check=True, capture_output=True)
+    _link_tiny_library(lib, static)
     assert _extension.carries_own_cxx_runtime(lib) is static
     if static:
         with pytest.raises(_extension.BuildError, match="libstdc\\+\\+ linked in statically"):
@@ -491,19 +497,11 @@ def test_a_library_with_its_own_libstdcxx_is_refused(tmp_path, static):
 
 def test_a_refused_build_stays_refused_in_its_process(tmp_path, monkeypatch):
     """torch's builder loads what it links; a library refused after that must not be used."""
-    import shutil
-    import subprocess
-
-    if shutil.which("g++") is None or shutil.which("readelf") is None:
-        pytest.skip("needs g++ and readelf")
     if torch.version.cuda is None or _extension.find_cuda_home()[0] is None:
         pytest.skip("build() needs a CUDA build of torch and a CUDA toolkit before it compiles")
-    source = tmp_path / "f.cpp"
-    source.write_text('#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n')
 
-    def fake_compile(directory, *args, **kwargs):  # links like a compiler that forces a static libstdc++
-        subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(_extension._library_path(directory)),
-                        "-static-libstdc++"], check=True, capture_output=True)
+    def fake_compile(directory, *args, **kwargs):
+        _link_tiny_library(_extension._library_path(directory), static=True)
 
     monkeypatch.setattr(_extension, "_compile", fake_compile)
     monkeypatch.setattr(_extension, "cutlass_include_or_raise", lambda: str(tmp_path))

@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fastattn
 from fastattn import _device, dispatch
 from fastattn.inputs import from_sdpa_args
+from fastattn.testing import reference_attention
 
 from .conftest import DEVICE
 
@@ -262,12 +263,9 @@ def test_grad_through_alibi_slopes_is_a_reason():
     out = fastattn.flash_attn_func(q, q, q, alibi_slopes=slopes)
     weights = torch.randn(out.shape, device=DEVICE, dtype=torch.float64)
     (out.double() * weights).sum().backward()
-    # float64 reference: (B, L, H, D) layout, bias -slope * |i - j| (L == S)
-    ref_slopes = slopes.detach().double().requires_grad_()
-    x = q.double().transpose(1, 2)
-    pos = torch.arange(q.shape[1], device=DEVICE)
-    bias = -ref_slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs()
-    ref = torch.softmax(x @ x.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias, dim=-1) @ x
+    ref_slopes = slopes.detach().double().requires_grad_()  # float64 reference, (B, H, L, D) layout
+    x = q.transpose(1, 2)
+    ref, _ = reference_attention(x, x, x, alibi_slopes=ref_slopes, lower_right=True)
     (ref.transpose(1, 2) * weights).sum().backward()
     torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(slopes.grad.double(), ref_slopes.grad, atol=2e-3, rtol=2e-3)
@@ -280,9 +278,7 @@ def test_float32_bias_beside_float64_inputs_stays_float64():
     slopes = torch.tensor([0.5, 0.25], device=DEVICE)
     out = fastattn.flash_attn_func(q, q, q, alibi_slopes=slopes)
     x = q.transpose(1, 2)
-    pos = torch.arange(q.shape[1], device=DEVICE)
-    bias = -slopes.double()[:, None, None] * (pos[:, None] - pos[None, :]).abs()
-    ref = torch.softmax(x @ x.transpose(-1, -2) / 4.0 + bias, dim=-1) @ x
+    ref, _ = reference_attention(x, x, x, alibi_slopes=slopes, lower_right=True)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-12, rtol=1e-12)
 

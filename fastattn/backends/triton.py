@@ -1,7 +1,6 @@
 """The Triton flash-attention kernel (fastattn/kernels/triton)."""
 from __future__ import annotations
 
-
 import torch
 
 from .. import _device
