@@ -7,19 +7,21 @@ from typing import Optional
 
 import torch
 
+from ._env import constant_while_tracing
+
 
 def _index(index: Optional[int]) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
 # torch.compile reads these while tracing (the device queries are not traceable)
-@torch.compiler.assume_constant_result
+@constant_while_tracing
 def capability(index: Optional[int]) -> tuple[int, int]:
     """Compute capability of CUDA device ``index`` (None = the current device)."""
     return _capability(_index(index))
 
 
-@torch.compiler.assume_constant_result
+@constant_while_tracing
 def sm_count(index: Optional[int]) -> int:
     """Number of streaming multiprocessors of CUDA device ``index`` (None = the current device)."""
     return _sm_count(_index(index))

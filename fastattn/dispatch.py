@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import _device
-from ._env import interpreting
+from ._env import constant_while_tracing, interpreting
 from .backends.base import Backend
 from .backends.sdpa import SDPABackend
 from .backends.triton import TritonBackend
@@ -134,7 +134,7 @@ def _strict() -> bool:
     return os.environ.get("FASTATTN_STRICT", "0").strip().lower() in ("1", "true", "yes")
 
 
-@torch.compiler.assume_constant_result  # read while tracing (torch.compile cannot trace the flag getters)
+@constant_while_tracing  # read while tracing (torch.compile cannot trace the flag getters)
 def torch_restriction() -> tuple[str, ...]:
     """The SDPA backends torch was told not to use (``torch.nn.attention.sdpa_kernel``)."""
     flags = {

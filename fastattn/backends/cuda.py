@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _device, _extension
+from .._env import constant_while_tracing
 from ..inputs import HALF_DTYPES, AttentionCall, Features
 from .base import Backend, forward_only_reasons
 
@@ -42,7 +43,7 @@ def _kernel_ready(t: torch.Tensor, head_dim: int) -> bool:
     return t.shape[-1] == head_dim and t.stride(-1) == 1 and aligned and all(t.stride(i) % 8 == 0 for i in range(3))
 
 
-@torch.compiler.assume_constant_result  # torch.compile reads it while tracing (a lock and file checks inside)
+@constant_while_tracing  # torch.compile reads it while tracing (a lock and file checks inside)
 def _extension_state() -> tuple[bool, str, tuple[int, ...]]:
     """(loaded, reason, compiled head dims) of the CUDA extension, as :func:`_extension.load` says."""
     status = _extension.load()

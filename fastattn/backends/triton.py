@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _device
-from .._env import interpreting
+from .._env import constant_while_tracing, interpreting
 from ..inputs import HALF_DTYPES, AttentionCall, Features
 from .base import Backend, forward_only_reasons
 
@@ -14,7 +14,7 @@ MAX_HEAD_DIM = 256
 _import_result: list[str | None] = []  # filled once
 
 
-@torch.compiler.assume_constant_result  # torch.compile reads it while tracing (an import inside)
+@constant_while_tracing  # torch.compile reads it while tracing (an import inside)
 def _import_error() -> str | None:
     if not _import_result:
         try:
