@@ -21,6 +21,9 @@ def patch(model=None, *, torch_sdpa: bool = False):
     included); ``patch(model)`` switches one model to "fastattn" and returns it.
     ``torch_sdpa=True`` also routes ``torch.nn.functional.scaled_dot_product_attention``.
     Idempotent; :func:`unpatch` undoes it exactly."""
+    from .integrations import require_transformers
+
+    require_transformers("fastattn.patch()")
     from .integrations import transformers as _hf
 
     return _hf.patch(model, torch_sdpa=torch_sdpa)
@@ -36,6 +39,9 @@ def unpatch(model=None):
 def check(model, inputs, reference: str = "eager"):
     """Run a Transformers model with fastattn and with its ``reference`` attention and
     report the largest differences per layer output on non-padded positions."""
+    from .integrations import require_transformers
+
+    require_transformers("fastattn.check()")
     from .integrations import transformers as _hf
 
     return _hf.check(model, inputs, reference=reference)

@@ -110,6 +110,8 @@ def _who_serves(device: str) -> list[str]:
 def report_main(argv=None) -> int:
     from . import registered_backends
 
+    argparse.ArgumentParser(prog="python -m fastattn report", description=__doc__.splitlines()[0]).parse_args(argv)
+
     print("\n".join(_environment()))
     print("\nbackends (priority order):")
     for name, backend in registered_backends().items():
@@ -124,21 +126,27 @@ def report_main(argv=None) -> int:
     return 0
 
 
+COMMANDS = ("report", "build", "demo")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="report", choices=["report", "build", "demo"])
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "build":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A subcommand parses its own arguments (its --help included).
+    command, rest = (argv[0], argv[1:]) if argv and argv[0] in COMMANDS else (None, argv)
+    if command is None:
+        parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         epilog="`python -m fastattn COMMAND --help` shows a command's options.")
+        parser.add_argument("command", nargs="?", default="report", choices=COMMANDS)
+        command = parser.parse_args(rest).command
+        rest = []
+    if command == "build":
         from ._extension import build_main
 
         return build_main(rest)
-    if args.command == "demo":
-        try:
-            from .integrations.transformers_demo import demo_main
-        except ImportError as exc:
-            print(f"the Transformers demo is unavailable: {exc}", file=sys.stderr)
-            return 1
+    if command == "demo":
+        from .integrations.transformers_demo import demo_main
+
         return demo_main(rest)
     return report_main(rest)
 

@@ -14,6 +14,19 @@ import importlib.util
 import sys
 import warnings
 
+INSTALL_HINT = 'pip install "fastattn[transformers]"'
+
+
+def require_transformers(what: str) -> None:
+    """Raise an ImportError naming what to install, before ``what`` reaches for Transformers."""
+    try:
+        found = importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ImportError(f"{what} needs Transformers, which is not installed here: {INSTALL_HINT}")
+
+
 # module name -> name of the registration function in .transformers that takes the module
 _TRANSFORMERS_HOOKS = {
     "transformers.modeling_utils": "register_attention",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
 
 import torch
@@ -98,9 +99,17 @@ def demo_main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    from . import require_transformers
+
+    try:
+        require_transformers("python -m fastattn demo")
+    except ImportError as exc:
+        print(f"the Transformers demo is unavailable: {exc}", file=sys.stderr)
+        return 1
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
 
     import fastattn
+    from fastattn._env import interpreting
     from fastattn.integrations import transformers as hf
 
     if args.model == "minilm":
@@ -141,7 +150,11 @@ def demo_main(argv=None) -> int:
     hf.set_attn_implementation(model, reference)
     print(f"\nforward time (median of {args.repeats}): {reference} {ref_ms:.2f} ms, fastattn {fast_ms:.2f} ms "
           f"({ref_ms / fast_ms:.2f}x)")
-    if not any(r.backend == "triton" for r in records):
+    if any(r.backend == "triton" for r in records) and interpreting():
+        print("note: the Triton kernel ran through the Triton interpreter (TRITON_INTERPRET=1), a Python emulation "
+              "thousands of times slower than the compiled kernel: the ratio above measures the interpreter, "
+              "not fastattn; run on a CUDA GPU for real timings.")
+    elif not any(r.backend == "triton" for r in records):
         print("note: no call ran the Triton kernel here, so this times fastattn's fallback (torch's SDPA or exact "
               "math) plus its dispatch overhead; run on a CUDA GPU with float16/bfloat16 for the kernel.")
     return 0 if report.ok else 1
