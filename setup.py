@@ -12,9 +12,21 @@ import os
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithSources(build_py):
+    """Ship csrc/ inside the package (fastattn/csrc/), so that a wheel or a regular install
+    can compile the CUDA extension just in time; an editable install reads the checkout's."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            self.copy_tree("csrc", os.path.join(self.build_lib, "fastattn", "csrc"))
+
 
 ext_modules = []
-cmdclass = {}
+cmdclass = {"build_py": BuildPyWithSources}
 
 if os.environ.get("FASTATTN_BUILD_CUDA", "0") == "1":
     import sys

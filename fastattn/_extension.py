@@ -28,6 +28,7 @@ must not import the rest of the package at module level.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
@@ -56,7 +57,18 @@ ENV_JIT = "FASTATTN_CUDA_JIT"
 ENV_CACHE = "FASTATTN_CACHE_DIR"
 ENV_CUTLASS = "FASTATTN_CUTLASS_DIR"
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _csrc() -> Path:
+    """``csrc/`` of the source checkout (editable installs, setup.py), else the copy that a
+    wheel ships inside the package (setup.py's build_py puts it there), so that a regular
+    install can build just in time too."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "csrc"
+    return checkout if (checkout / "flash_api.cpp").is_file() else here / "csrc"
+
+
+CSRC = _csrc()
 
 
 class BuildError(RuntimeError):
@@ -212,13 +224,25 @@ def find_cuda_home() -> tuple[Optional[str], list[str]]:
     return None, tried
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" warning:
+    that only means no GPU is visible, which compiling does not need (our own first line
+    says so), and it was the first thing a user of ``python -m fastattn build`` read."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _use_cuda_home(root: str) -> None:
     """Point torch's extension builder at ``root``. torch reads CUDA_HOME once, when
     torch.utils.cpp_extension is first imported, so the module's copy is set too."""
     os.environ["CUDA_HOME"] = root
-    import torch.utils.cpp_extension as cpp_extension
-
-    cpp_extension.CUDA_HOME = root
+    _cpp_extension().CUDA_HOME = root
 
 
 def _is_cutlass_include(path: Path) -> bool:
@@ -323,8 +347,8 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
         raise BuildError(f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None); "
                          "install a CUDA build of torch")
     if not CSRC.is_dir():
-        raise BuildError(f"the CUDA sources are not installed ({CSRC} is missing); "
-                         "use an editable install (pip install -e .) or FASTATTN_BUILD_CUDA=1")
+        raise BuildError(f"the CUDA sources are not installed ({CSRC} is missing); reinstall fastattn "
+                         "from a wheel or source tree that has them (pip install --force-reinstall fastattn)")
     head_dims = tuple(head_dims) if head_dims else parse_head_dims(os.environ.get(ENV_HEAD_DIMS))
     if archs is None:
         archs = target_archs()
@@ -348,8 +372,13 @@ def build(archs: Optional[Sequence[str]] = None, head_dims: Optional[Sequence[in
         lib = _library_path(directory)
         failed = directory / "build_failed.txt"
         if not lib.exists():
-            print(f"fastattn: compiling the CUDA extension for sm {', '.join(archs)}, head dims "
-                  f"{', '.join(map(str, head_dims))} into {directory} (CUDA {root}); this takes a few minutes, once.",
+            print(f"fastattn: compiling the CUDA extension: expect about {_minutes(estimate_seconds(archs, head_dims, jobs))} "
+                  f"on this machine's {os.cpu_count()} cores, once (the result is cached). "
+                  f"{len(sources(head_dims))} objects for sm {', '.join(archs)}, head dims {', '.join(map(str, head_dims))}, "
+                  f"CUDA {root}, into {directory}"
+                  + ("" if torch.cuda.is_available() else "; no GPU is visible (compiling needs none)")
+                  + (". Progress follows; --verbose (python -m fastattn build) shows the compiler's commands."
+                     if not verbose else "."),
                   file=sys.stderr, flush=True)
             start = time.monotonic()
             try:
@@ -395,35 +424,91 @@ def _check_cxx_runtime(lib: Path) -> None:
 
 def _has_ninja() -> bool:
     try:
-        from torch.utils.cpp_extension import is_ninja_available
-
-        return is_ninja_available()
+        return _cpp_extension().is_ninja_available()
     except Exception:
         return False
+
+
+# About a CPU-minute per kernel instantiation and architecture (CuTe templates compile slowly):
+# 14 objects for 2 architectures took 13.6 minutes on an idle 2-core machine (tests/test_cuda_build.py).
+CPU_SECONDS_PER_KERNEL_AND_ARCH = 60
+
+
+def _parallel_jobs(jobs: Optional[int]) -> int:
+    """How many compiles run at once: ninja's -j (MAX_JOBS), else its default, capped by the cores."""
+    cores = os.cpu_count() or 1
+    requested = jobs or int(os.environ.get("MAX_JOBS") or 0) or cores + 2
+    return max(1, min(requested, cores))
+
+
+def estimate_seconds(archs: Sequence[str], head_dims: Sequence[int], jobs: Optional[int] = None) -> float:
+    """A rough wall-clock estimate of a build on this machine (the first line a user reads)."""
+    kernels = sum(1 for s in sources(head_dims) if s.parent.name == "instantiations")
+    return kernels * len(archs) * CPU_SECONDS_PER_KERNEL_AND_ARCH / _parallel_jobs(jobs) + 30
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+class _Progress:
+    """Reports, while ninja runs (its own output is hidden unless --verbose), how many of the
+    objects exist in the build directory and the time elapsed: a line whenever that count
+    changes, and at least once a minute."""
+
+    def __init__(self, directory: Path, total: int, interval: float = 5.0, quiet_for: float = 60.0):
+        self.directory, self.total, self.interval, self.quiet_for = directory, total, interval, quiet_for
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastattn-build-progress", daemon=True)
+        self.start = time.monotonic()
+
+    def done(self) -> int:
+        return len(list(self.directory.glob("*.o")))
+
+    def line(self) -> str:
+        done = self.done()
+        what = "linking" if done >= self.total else "compiling"
+        return f"fastattn: {done}/{self.total} objects compiled, {what}, {_minutes(time.monotonic() - self.start)} elapsed"
+
+    def _run(self) -> None:
+        last, last_time = None, self.start
+        while not self._stop.wait(self.interval):
+            done = self.done()
+            if done != last or time.monotonic() - last_time >= self.quiet_for:
+                print(self.line(), file=sys.stderr, flush=True)
+                last, last_time = done, time.monotonic()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def _compile(directory: Path, archs: Sequence[str], head_dims: Sequence[int], cutlass_include: str, *,
              verbose: bool, jobs: Optional[int]) -> None:
     """Run torch's ninja-based builder (MAX_JOBS limits ninja's parallelism)."""
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     flags = compile_flags(archs, head_dims, cutlass_include)
     if jobs:
         os.environ["MAX_JOBS"] = str(jobs)
-    cpp_extension.load(
-        name=LIBRARY_NAME,
-        sources=[str(s) for s in sources(head_dims)],
-        extra_cflags=flags.cxx,
-        extra_cuda_cflags=flags.nvcc,  # carries -gencode, so torch adds no arch flags of its own
-        extra_ldflags=flags.ld,
-        extra_include_paths=[str(CSRC)],
-        build_directory=str(directory),
-        verbose=verbose,
-        with_cuda=True,
-        is_python_module=False,
-        is_standalone=False,
-        keep_intermediates=True,
-    )  # with is_python_module=False this also torch.ops.load_library()s it: fine without a GPU too
+    with contextlib.nullcontext() if verbose else _Progress(directory, len(sources(head_dims))):
+        cpp_extension.load(
+            name=LIBRARY_NAME,
+            sources=[str(s) for s in sources(head_dims)],
+            extra_cflags=flags.cxx,
+            extra_cuda_cflags=flags.nvcc,  # carries -gencode, so torch adds no arch flags of its own
+            extra_ldflags=flags.ld,
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(directory),
+            verbose=verbose,
+            with_cuda=True,
+            is_python_module=False,
+            is_standalone=False,
+            keep_intermediates=True,
+        )  # with is_python_module=False this also torch.ops.load_library()s it: fine without a GPU too
 
 
 def _load_library(lib: Path) -> None:
