@@ -174,6 +174,9 @@ class Explanation:
                 + (f", causal ({'bottom-right' if f.lower_right else 'top-left'})" if f.causal else "")
                 + (f", key bounds (left, right)={f.window}" if f.window not in ((-1, -1), (-1, 0)) else "")
                 + (f", mask={f.mask_dtype}" if f.mask_dtype is not None else "")
+                + "".join(f", {name}" for name, present in (
+                    ("softcap", f.has_softcap), ("ALiBi", f.has_alibi), ("sinks", f.has_sinks),
+                    ("dropout", f.dropout), ("needs grad", f.needs_grad), ("log-sum-exp", f.want_lse)) if present)
             )
         if self.note:
             lines.append(f"priority: {self.note}")

@@ -31,7 +31,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def mask_dtypes(query_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     """The attn_mask dtypes a call takes: bool (True = attend), or additive in the query's
     dtype or float32."""
-    return torch.bool, query_dtype, torch.float32
+    return tuple(dict.fromkeys((torch.bool, query_dtype, torch.float32)))
 
 
 @dataclass(frozen=True)
@@ -312,9 +312,9 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype not in mask_dtypes(query.dtype):
+            floats = " or ".join(str(d) for d in mask_dtypes(query.dtype)[1:])
             raise InvalidInputError(
-                f"attn_mask must be bool (True = attend) or a float mask of dtype {query.dtype} or torch.float32; "
-                f"got {attn_mask.dtype}"
+                f"attn_mask must be bool (True = attend) or a float mask of dtype {floats}; got {attn_mask.dtype}"
             )
         if attn_mask.dim() < 2:
             raise InvalidInputError(f"attn_mask must have at least 2 dims (L, S), got shape {tuple(attn_mask.shape)}")

@@ -296,3 +296,12 @@ def test_bounds_that_rule_out_no_key_are_dropped():
     one_key = k[:, :1]
     assert fastattn.explain(prefill.transpose(1, 2), one_key.transpose(1, 2), one_key.transpose(1, 2),
                             is_causal=True).features.window == (-1, -1)
+
+
+def test_explain_summary_names_every_feature_of_the_call():
+    q = torch.randn(1, 5, 4, 16, dtype=torch.float16, requires_grad=True)
+    text = str(fastattn.explain_flash(q, q, q, dropout_p=0.1, softcap=5.0, alibi_slopes=torch.ones(4),
+                                      return_attn_probs=True))
+    first = text.splitlines()[0]
+    for feature in ("softcap", "ALiBi", "dropout", "needs grad", "log-sum-exp"):
+        assert feature in first, first

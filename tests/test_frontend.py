@@ -223,3 +223,12 @@ def test_extras_are_validated(kwargs, exc):
     call, _ = from_sdpa_args(q, q, q)
     with pytest.raises(exc):
         with_extras(call, **kwargs)
+
+
+@pytest.mark.parametrize("dtype,allowed", [(torch.float32, "dtype torch.float32;"),
+                                           (torch.float16, "dtype torch.float16 or torch.float32;")])
+def test_mask_dtype_error_names_each_allowed_dtype_once(dtype, allowed):
+    q = torch.randn(1, 2, 3, 4, dtype=dtype)
+    with pytest.raises(ValueError, match="attn_mask must be bool") as err:
+        fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(3, 3, dtype=torch.float64))
+    assert allowed in str(err.value) and "got torch.float64" in str(err.value)
