@@ -28,3 +28,41 @@ def _fresh_seed(request):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+# --------------------------------------------------------------------------- tiers
+# The default run is the quick tier a kernel developer reruns; --full adds the slow tier
+# (compiling csrc/ with nvcc, building and installing a wheel), which CI runs.
+
+SLOW_MARKERS = ("slow", "cuda_build")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the slow tier (the CUDA compile, packaging): what CI runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    slow = [item for item in items if any(item.get_closest_marker(m) for m in SLOW_MARKERS)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in set(slow)]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    # Why tests skipped, one line per reason (-q hides them, -rs lists every test).
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("skip reasons", sep="-")
+        for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{count:5d} skipped: {reason}")
+    if not config.getoption("--full"):  # (under xdist the workers deselect: no count here)
+        terminalreporter.write_line("slow tier not run (the CUDA compile, AOT Triton compiles for sm_80/sm_90, "
+                                    "packaging): `python -m pytest -n 2 -q --full` runs everything, as CI does")

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 HELPER = Path(__file__).with_name("_compile_kernels.py")
+
+pytestmark = pytest.mark.slow  # a compile for each GPU target: the slow tier (--full)
 SM90 = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd256", "fp16_hd59_ev40_window", "bf16_hd64_causal",
         "bf16_hd256_full", "bf16_hd64_key_padding", "bf16_hd128_key_padding_causal", "bf16_hd64_full_mask",
         "bf16_bool_mask_softcap_alibi_sinks", "fp16_float_mask", "bf16_decode_split", "bf16_decode_pack_gqa",
