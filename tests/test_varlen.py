@@ -320,3 +320,162 @@ def test_kvcache_without_seqlens_is_flash_attn_func():
     v = torch.randn(2, 20, 2, 32, device=DEVICE, dtype=torch.float16)
     torch.testing.assert_close(fastattn.flash_attn_with_kvcache(q, k, v, causal=True),
                                fastattn.flash_attn_func(q, k, v, causal=True), atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- the rest of the API
+
+
+def test_merge_attention_states():
+    """Attention over two disjoint key halves, merged, is attention over all keys; a part
+    that saw no key for a row (here: the causal half after the diagonal) contributes nothing."""
+    q = torch.randn(2, 9, 4, 32, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(2, 30, 2, 32, device=DEVICE, dtype=torch.float16)
+    v = torch.randn(2, 30, 2, 32, device=DEVICE, dtype=torch.float16)
+    full, full_lse, _ = fastattn.flash_attn_func(q, k, v, return_attn_probs=True)
+    a, lse_a, _ = fastattn.flash_attn_func(q, k[:, :13], v[:, :13], return_attn_probs=True)
+    b, lse_b, _ = fastattn.flash_attn_func(q, k[:, 13:], v[:, 13:], return_attn_probs=True)
+    out, lse = fastattn.merge_attention_states([a, b], [lse_a, lse_b])
+    torch.testing.assert_close(out, full, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse, full_lse, atol=1e-4, rtol=0)
+    empty = torch.full_like(lse_b, float("inf"))
+    out, lse = fastattn.merge_attention_states([a, torch.zeros_like(b)], [lse_a, empty])
+    torch.testing.assert_close(out, a, atol=1e-3, rtol=0)
+    torch.testing.assert_close(lse, lse_a)
+    out, lse = fastattn.merge_attention_states([torch.zeros_like(a)], [empty])
+    assert (out == 0).all() and (lse == float("inf")).all()
+
+
+def test_packed_front_ends():
+    qkv = torch.randn(2, 17, 3, 2, 32, device=DEVICE, dtype=torch.float16)
+    q, k, v = qkv.unbind(2)
+    want = fastattn.flash_attn_func(q, k, v, causal=True)
+    torch.testing.assert_close(fastattn.flash_attn_qkvpacked_func(qkv, causal=True), want, atol=0, rtol=0)
+    torch.testing.assert_close(fastattn.flash_attn_kvpacked_func(q, torch.stack((k, v), 2), causal=True), want,
+                               atol=0, rtol=0)
+    lens = [17, 17]
+    packed = qkv.reshape(34, 3, 2, 32)
+    out = fastattn.flash_attn_varlen_qkvpacked_func(packed, cu(lens), 17, causal=True)
+    torch.testing.assert_close(out, want.reshape(34, 2, 32), atol=2e-3, rtol=0)
+    out = fastattn.flash_attn_varlen_kvpacked_func(packed[:, 0], packed[:, 1:], cu(lens), cu(lens), 17, 17, causal=True)
+    torch.testing.assert_close(out, want.reshape(34, 2, 32), atol=2e-3, rtol=0)
+
+
+def test_window_size_as_a_tensor():
+    """flash-attn's own tests pass torch.randint(0, seqlen_k, (2,))."""
+    q = torch.randn(1, 20, 2, 32, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(1, 30, 2, 32, device=DEVICE, dtype=torch.float16)
+    window = torch.randint(0, 30, (2,))
+    torch.testing.assert_close(fastattn.flash_attn_func(q, k, k, window_size=window),
+                               fastattn.flash_attn_func(q, k, k, window_size=tuple(window.tolist())), atol=0, rtol=0)
+    out = fastattn.flash_attn_varlen_func(q[0], k[0], k[0], cu([20]), cu([30]), 20, 30, window_size=[4, 0])
+    torch.testing.assert_close(out, fastattn.flash_attn_func(q, k, k, window_size=(4, 0))[0], atol=0, rtol=0)
+    with pytest.raises(TypeError, match="window_size"):
+        fastattn.flash_attn_func(q, k, k, window_size=torch.tensor([1.0, 2.0]))
+
+
+def test_layouts_in_features_and_explain():
+    lens = [3, 4]
+    q = torch.randn(7, 2, 32, device=DEVICE, dtype=torch.float16)
+    decision = fastattn.explain_varlen(q, q, q, cu(lens), cu(lens), 4, 4, causal=True)
+    assert decision.features.layout == "varlen"
+    assert any("varlen layout" in r for r in decision.reasons("cuda"))
+    assert decision.chosen == "triton"
+    k_cache, v_cache, table, _, _ = paged([20, 5], 16, 2, 32, torch.float16)
+    decision = fastattn.explain_varlen(q, k_cache, v_cache, cu(lens), cu([20, 5]), 4, 20, block_table=table)
+    assert decision.features.layout == "paged" and decision.features.page_size == 16
+
+
+def test_poisoned_output_rows_are_all_written():
+    from fastattn.kernels.triton.flash_fwd import Sequences, flash_attn_forward
+
+    lens = [0, 19, 1, 40]
+    q = torch.randn(sum(lens), 2, 32, device=DEVICE, dtype=torch.float16)
+    out = torch.full((1, 2, sum(lens), 32), float("nan"), device=DEVICE, dtype=torch.float16)
+    view = lambda t: t.transpose(0, 1)[None]  # noqa: E731
+    flash_attn_forward(view(q), view(q), view(q), scale=0.2, causal_bounds=(-1, 0), out=out,
+                       seqs=Sequences(4, cu(lens), cu(lens), 40, 40, lower_right=True))
+    assert not torch.isnan(out).any()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def varlen_args(**change):
+    lens = [3, 5, 2]
+    q = torch.randn(10, 2, 32, device=DEVICE, dtype=torch.float16)
+    args = dict(q=q, k=q, v=q, cu_seqlens_q=cu(lens), cu_seqlens_k=cu(lens), max_seqlen_q=5, max_seqlen_k=5)
+    args.update(change)
+    return args
+
+
+def int32(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 8, 10])), InvalidInputError, r"cu_seqlens_q must have dtype torch.int32, got torch.int64"),
+    (dict(cu_seqlens_k=[0, 3, 8, 10]), TypeError, r"cu_seqlens_k must be a torch.Tensor"),
+    (dict(cu_seqlens_q=int32([0, 6, 5, 10])), InvalidInputError, r"non-decreasing.*cu_seqlens_q\[1\] = 6 > cu_seqlens_q\[2\] = 5"),
+    (dict(cu_seqlens_q=int32([1, 3, 8, 10])), InvalidInputError, r"must start at 0, got cu_seqlens_q\[0\] = 1"),
+    (dict(cu_seqlens_k=int32([0, 3, 8, 9])), InvalidInputError, r"end at the number of tokens \(10\), got cu_seqlens_k\[-1\] = 9"),
+    (dict(cu_seqlens_k=int32([0, 3, 10])), InvalidInputError, r"cu_seqlens_k must have shape"),
+    (dict(max_seqlen_q=4), InvalidInputError, r"max_seqlen_q=4 is smaller than sequence 1, which has 5 tokens"),
+    (dict(max_seqlen_k=torch.tensor(2)), InvalidInputError, r"max_seqlen_k=2 is smaller than sequence 1, which has 5 tokens"),
+    (dict(max_seqlen_k=5.0), TypeError, r"max_seqlen_k must be an int or a 0-d integer tensor"),
+    (dict(seqused_k=int32([3, 6, 2])), InvalidInputError, r"seqused_k\[1\] = 6 is outside \[0, 5\]"),
+])
+def test_bad_varlen_input(change, error, match):
+    with pytest.raises(error, match=match):
+        fastattn.flash_attn_varlen_func(**varlen_args(**change))
+
+
+def test_bad_paged_input():
+    q = torch.randn(4, 2, 32, device=DEVICE, dtype=torch.float16)
+    k_cache, v_cache, table, _, _ = paged([20, 30], 16, 2, 32, torch.float16, spare_pages=0)
+    args = (q, k_cache, v_cache, cu([2, 2]), cu([20, 30]), 2, 30)
+    bad = table.clone()
+    bad[1, 1] = k_cache.shape[0]
+    with pytest.raises(InvalidInputError, match=r"block_table\[1, 1\] = 4 points outside the cache \(pages 0..3\)"):
+        fastattn.flash_attn_varlen_func(*args, block_table=bad)
+    bad = table.clone()
+    bad[1, 1] = -1  # outside the cache, but on a page sequence 1 does not use when it has 16 keys
+    fastattn.flash_attn_varlen_func(q, k_cache, v_cache, cu([2, 2]), cu([20, 16]), 2, 30, block_table=bad)
+    with pytest.raises(InvalidInputError, match="block_table"):
+        fastattn.flash_attn_varlen_func(*args, block_table=bad)
+    small = torch.randn(6, 8, 2, 32, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(InvalidInputError, match=r"pages of 8 tokens.*multiple of 16"):
+        fastattn.flash_attn_varlen_func(q, small, small, cu([2, 2]), cu([8, 8]), 2, 8, block_table=int32([[0], [1]]))
+    with pytest.raises(InvalidInputError, match=r"pages of 24 tokens"):
+        fastattn.flash_attn_with_kvcache(q.view(2, 2, 2, 32), torch.randn(4, 24, 2, 32, dtype=torch.float16, device=DEVICE),
+                                         torch.randn(4, 24, 2, 32, dtype=torch.float16, device=DEVICE),
+                                         cache_seqlens=3, block_table=int32([[0], [1]]))
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_refused_append_leaves_the_cache_untouched(page_size):
+    B, capacity = 2, 32
+    q = torch.randn(B, 3, 2, 32, device=DEVICE, dtype=torch.float16)
+    new = torch.randn(B, 3, 2, 32, device=DEVICE, dtype=torch.float16)
+    if page_size:
+        k_cache, v_cache, table, _, _ = paged([capacity] * B, page_size, 2, 32, torch.float16)
+    else:
+        k_cache = torch.randn(B, capacity, 2, 32, device=DEVICE, dtype=torch.float16)
+        v_cache, table = torch.randn_like(k_cache), None
+    before = k_cache.clone(), v_cache.clone()
+    with pytest.raises(InvalidInputError, match=r"cache_seqlens\[1\] = 30 is outside \[0, 29\] \(appending 3 tokens"):
+        fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=int32([29, 30]),
+                                         block_table=table)
+    with pytest.raises(InvalidInputError, match=r"cache_seqlens must have dtype torch.int32"):
+        fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=torch.tensor([1, 2]),
+                                         block_table=table)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+    with pytest.raises(InvalidInputError, match=r"rotary_cos has 20 positions but position 22 is needed"):
+        angles = torch.rand(20, 8, device=DEVICE)
+        fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, angles.cos(), angles.sin(),
+                                         cache_seqlens=int32([20, 1]), block_table=table, causal=True)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+    if page_size is None:
+        with pytest.raises(InvalidInputError, match=r"cache_batch_idx\[0\] = 2 is outside \[0, 1\]"):
+            fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1,
+                                             cache_batch_idx=int32([2, 0]))
+        assert torch.equal(k_cache, before[0])
