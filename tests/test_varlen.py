@@ -479,3 +479,51 @@ def test_refused_append_leaves_the_cache_untouched(page_size):
             fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1,
                                              cache_batch_idx=int32([2, 0]))
         assert torch.equal(k_cache, before[0])
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def test_compiled_decode_step_appends_in_place_and_does_not_recompile():
+    """A kvcache decode step under torch.compile (fullgraph): the in-place append is traced as
+    the mutation it is (the caller's cache changes), the kernel enters as its custom op, and
+    new cache lengths (tensors) reuse the graph."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(q, k_cache, v_cache, k, v, seqlens, table):
+        return fastattn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                                                causal=True)
+
+    dtype = torch.float16
+    k_cache, v_cache, table, _, _ = paged([64, 64], 16, 2, 32, dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=recording_backend, fullgraph=True)
+    for lengths in ([3, 40], [9, 0], [63, 20]):
+        q = torch.randn(2, 1, 4, 32, device=DEVICE, dtype=dtype)
+        k, v = (torch.randn(2, 1, 2, 32, device=DEVICE, dtype=dtype) for _ in range(2))
+        cache_k, cache_v = k_cache.clone(), v_cache.clone()
+        with fastattn.use_backend("triton"):
+            got = compiled(q, k_cache, v_cache, k, v, int32(lengths), table)
+        want = step(q, cache_k, cache_v, k, v, int32(lengths), table)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert torch.equal(k_cache, cache_k) and torch.equal(v_cache, cache_v)  # both appended the same token
+    assert len(graphs) == 1, f"recompiled for new cache lengths: {len(graphs)} graphs"
+    targets = {node.target for node in graphs[0].graph.nodes}
+    assert torch.ops.fastattn.triton_varlen_fwd.default in targets
+
+
+def test_compiled_varlen():
+    lens = [5, 0, 12]
+    q = torch.randn(17, 2, 32, device=DEVICE, dtype=torch.bfloat16)
+
+    def attend(q, cu_q):
+        return fastattn.flash_attn_varlen_func(q, q, q, cu_q, cu_q, 12, 12, causal=True) * 2
+
+    torch._dynamo.reset()
+    with fastattn.use_backend("triton"):
+        got = torch.compile(attend, backend="aot_eager", fullgraph=True)(q, cu(lens))
+        torch.testing.assert_close(got, attend(q, cu(lens)), atol=0, rtol=0)
