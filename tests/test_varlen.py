@@ -127,7 +127,7 @@ def test_max_seqlen_forms(max_seqlen):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_seqused(backend):
     """seqused_q/k: each sequence uses only its first tokens; unused query rows give 0 and lse +inf."""
-    lens, used_q, used_k = [10, 20, 3], [4, 20, 0], [7, 1, 3]
+    lens, used_q, used_k = [10, 20, 3], [4, 20, 0], [7, 0, 3]  # 20 queries with no key: 0, lse +inf
     H, E, dtype = 2, 32, torch.bfloat16
     q = torch.randn(sum(lens), H, E, device=DEVICE, dtype=dtype)
     k = torch.randn(sum(lens), H, E, device=DEVICE, dtype=dtype)

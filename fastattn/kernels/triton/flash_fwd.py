@@ -480,6 +480,10 @@ class Sequences(NamedTuple):
     lower_right: bool = False
 
 
+_DENSE = dict(VARLEN_Q=False, VARLEN_K=False, SEQUSED_Q=False, SEQUSED_K=False, LEFTPAD=False, BATCH_IDX=False,
+              PAGE_SIZE=0, LOWER_RIGHT=False)  # the per-sequence flags of a dense launch: all off
+
+
 def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
                        softcap=0.0, alibi_slopes=None, sinks=None, out=None, config=None, num_splits=None,
                        pack_gqa=None, seqs: Optional[Sequences] = None):
@@ -534,15 +538,11 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
         index_args = tuple(q if t is None else t for t in (
             seqs.cu_seqlens_q, seqs.cu_seqlens_k, seqs.seqused_q, seqs.seqused_k, seqs.cache_leftpad,
             seqs.cache_batch_idx, bt)) + (0 if bt is None else bt.stride(0),)
-    per_seq_flags = dict(
-        VARLEN_Q=seqs is not None and seqs.cu_seqlens_q is not None,
-        VARLEN_K=seqs is not None and seqs.cu_seqlens_k is not None,
-        SEQUSED_Q=seqs is not None and seqs.seqused_q is not None,
-        SEQUSED_K=seqs is not None and seqs.seqused_k is not None,
-        LEFTPAD=seqs is not None and seqs.cache_leftpad is not None,
-        BATCH_IDX=seqs is not None and seqs.cache_batch_idx is not None,
-        PAGE_SIZE=page_size,
-        LOWER_RIGHT=seqs is not None and seqs.lower_right,
+    per_seq_flags = _DENSE if seqs is None else dict(
+        VARLEN_Q=seqs.cu_seqlens_q is not None, VARLEN_K=seqs.cu_seqlens_k is not None,
+        SEQUSED_Q=seqs.seqused_q is not None, SEQUSED_K=seqs.seqused_k is not None,
+        LEFTPAD=seqs.cache_leftpad is not None, BATCH_IDX=seqs.cache_batch_idx is not None,
+        PAGE_SIZE=page_size, LOWER_RIGHT=seqs.lower_right,
     )
 
     if mask is None:
