@@ -150,7 +150,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``cache_seqlens + seqlen_new``. Nothing is written when the append is refused.
     ``rotary_cos/sin`` ``(seqlen_ro, rotary_dim / 2)``: rotary embedding of q and the new k
     (GPT-J pairs when ``rotary_interleaved``, else GPT-NeoX halves) at positions from
-    ``cache_seqlens - cache_leftpad``; with causal or a window q's row i is at that position + i,
+    ``cache_seqlens`` (cache indices: left padding counts, as in flash-attn); with causal or a
+    window q's row i is at that position + i,
     otherwise every row is at it (as in flash-attn). ``cache_batch_idx`` int32 ``(batch,)``:
     the cache entry of each sequence; ``cache_leftpad`` int32 ``(batch,)``: each sequence's
     first valid cache position (dense caches). ``num_splits``: split-KV factor (0 = choose).
@@ -168,9 +169,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise TypeError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
     new_k = append.k
     if append.rotary_cos is not None:
-        start = append.cache_seqlens.long()
-        if cache_leftpad is not None:
-            start = start - cache_leftpad.long()
+        start = append.cache_seqlens.long()  # the cache index, left padding included (as flash-attn)
         rows = torch.arange(q.shape[1], device=q.device) if append.rotary_per_row else torch.zeros(
             q.shape[1], dtype=torch.long, device=q.device)
         q_rot = apply_rotary(q, append.rotary_cos, append.rotary_sin, start[:, None] + rows, append.rotary_interleaved)

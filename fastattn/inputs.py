@@ -849,7 +849,7 @@ def from_kvcache_args(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
         if seqlens is None:
             raise InvalidInputError("rotary embedding needs cache_seqlens (the position of the first new token)")
         if values_checked(seqlens):
-            start = (seqlens - (cache_leftpad if cache_leftpad is not None else 0)).max().item() if B else 0
+            start = seqlens.max().item() if B else 0  # rotary positions are cache indices (as flash-attn)
             need = start + max(new_len, Lq if rotary_per_row else 1)
             if need > rotary_cos.shape[0]:
                 raise InvalidInputError(f"rotary_cos has {rotary_cos.shape[0]} positions but position {need - 1} "

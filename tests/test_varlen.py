@@ -245,7 +245,7 @@ def kvcache_case(B, L, H, Hk, E, new_len, seqlens, *, capacity, dtype, page_size
         angles = torch.rand(capacity + L, rotary_dim // 2, device=DEVICE, dtype=torch.float32) * 6.3
         kwargs.update(rotary_cos=angles.cos().to(dtype), rotary_sin=angles.sin().to(dtype),
                       rotary_interleaved=rotary == "interleaved")
-        start = torch.tensor([s - (leftpad[b] if leftpad else 0) for b, s in enumerate(seqlens)], device=DEVICE)
+        start = torch.tensor(seqlens, device=DEVICE)  # cache indices, left padding included (flash-attn's rule)
         per_row = causal or window != (-1, -1)
         positions_q = start[:, None] + (torch.arange(L, device=DEVICE) if per_row else torch.zeros(L, dtype=torch.long, device=DEVICE))
         positions_k = start[:, None] + torch.arange(new_len, device=DEVICE)
