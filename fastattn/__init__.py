@@ -10,7 +10,10 @@ Transformers: ``from_pretrained(..., attn_implementation="fastattn")`` (register
 using "sdpa"; ``fastattn.check(model, inputs)`` compares against Transformers' attention.
 """
 from .dispatch import UnsupportedError, registered_backends, use_backend
-from .functional import explain, explain_flash, flash_attn_func, scaled_dot_product_attention
+from .functional import (explain, explain_flash, explain_varlen, flash_attn_func, flash_attn_kvpacked_func,
+                         flash_attn_qkvpacked_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                         flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache, scaled_dot_product_attention)
+from .kvcache import merge_attention_states
 from .inputs import InvalidInputError
 
 __version__ = "0.1.0"
@@ -65,7 +68,15 @@ _register_with_transformers()
 __all__ = [
     "scaled_dot_product_attention",
     "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "merge_attention_states",
     "explain",
+    "explain_varlen",
     "explain_flash",
     "use_backend",
     "registered_backends",

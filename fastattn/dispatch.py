@@ -50,7 +50,7 @@ def torch_fused_fits(f: Features) -> bool:
     no window beyond causal, no softcap/ALiBi/sinks, the causal mask top-left (or L == S,
     where the alignments coincide), E == Ev."""
     mask_fits = f.mask_dtype is None or (f.short_queries and f.mask_dtype == torch.bool and f.mask_key_padding)
-    return (f.device_type == "cuda" and f.dtype in HALF_DTYPES and mask_fits and f.positions_fit_torch
+    return (f.device_type == "cuda" and f.layout == "dense" and f.dtype in HALF_DTYPES and mask_fits and f.positions_fit_torch
             and not (f.has_softcap or f.has_alibi or f.has_sinks or f.want_lse or f.dropout or f.empty)
             and f.head_dim == f.head_dim_v and f.head_dim % 8 == 0 and f.head_dim <= 256)
 

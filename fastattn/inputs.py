@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["AttentionCall", "Features", "InvalidInputError", "from_sdpa_args", "from_flash_args", "with_extras"]
+__all__ = ["AttentionCall", "Features", "InvalidInputError", "from_sdpa_args", "from_flash_args", "with_extras",
+           "from_varlen_args", "from_kvcache_args", "window_pair"]
 
 
 class InvalidInputError(ValueError, RuntimeError):
@@ -60,6 +61,9 @@ class Features:
     want_lse: bool
     mask_key_padding: bool = False  # the mask varies only with batch and key: one row per sequence
     short_queries: bool = False  # at most 16 query rows (decode): bound by reading K/V
+    layout: str = "dense"  # "dense", "varlen" (per-sequence lengths/offsets) or "paged" (K/V in pages)
+    page_size: int = 0  # paged K/V: keys per page
+    layout_extras: tuple[str, ...] = ()  # per-sequence parts beyond lengths: "cache_batch_idx", "cache_leftpad", "seqused_q"
 
     @property
     def positions_fit_torch(self) -> bool:
@@ -99,6 +103,41 @@ class AttentionCall:
     sinks: Optional[torch.Tensor] = None  # (Hq,): one extra logit per head in the softmax denominator
     dropout_p: float = 0.0
     want_lse: bool = False
+    # Per-sequence layouts (see :attr:`layout`); all None for a dense call. Index tensors are
+    # int32 on q's device. Packed (cu_seqlens_q given): q is (1, Hq, total_q, E) and sequence b
+    # holds rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; likewise k/v with cu_seqlens_k. Paged
+    # (block_table (B, pages_per_seq)): k/v are (num_pages, Hkv, page_size, E) and sequence b's
+    # key j is row j % page_size of page block_table[b, j // page_size]. seqused_q/k (B,): the
+    # queries/keys each sequence uses (its cache length when paged or a dense cache);
+    # cache_leftpad (B,): the first key of each sequence in a dense cache; cache_batch_idx (B,):
+    # the cache entry each sequence reads. With lower_right each sequence has its own diagonal,
+    # its key count minus its query count. max_seqlen_q/k: the longest sequence, only to size
+    # the launch (None = not known without a device read: the storage bounds the launch).
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: Optional[int] = None
+    max_seqlen_k: Optional[int] = None
+    seqused_q: Optional[torch.Tensor] = None
+    seqused_k: Optional[torch.Tensor] = None
+    block_table: Optional[torch.Tensor] = None
+    cache_leftpad: Optional[torch.Tensor] = None
+    cache_batch_idx: Optional[torch.Tensor] = None
+
+    @property
+    def layout(self) -> str:
+        """"dense" (q/k/v as they are), "paged" (block_table) or "varlen" (any other
+        per-sequence length or offset)."""
+        if self.block_table is not None:
+            return "paged"
+        if (self.cu_seqlens_q is None and self.cu_seqlens_k is None and self.seqused_q is None
+                and self.seqused_k is None and self.cache_leftpad is None and self.cache_batch_idx is None):
+            return "dense"
+        return "varlen"
+
+    @property
+    def num_seqs(self) -> int:
+        """The number of sequences (the batch size of a dense call)."""
+        return self.q.shape[0] if self.cu_seqlens_q is None else self.cu_seqlens_q.shape[0] - 1
 
     @property
     def seqlen_q(self) -> int:
@@ -122,6 +161,8 @@ class AttentionCall:
         left, right = self.window
         if self.causal:
             right = 0 if right < 0 else min(right, 0)
+        if self.layout != "dense":  # each sequence has its own lengths: keep the bounds
+            return left, right
         diag = self.diag_offset
         if right >= 0 and diag + right >= self.seqlen_k - 1:  # query 0 already sees the last key
             right = -1
@@ -140,7 +181,7 @@ class AttentionCall:
 
     def _features(self) -> Features:
         q, k, v = self.q, self.k, self.v
-        return Features(
+        dense = Features(
             device_type=q.device.type,
             device_index=q.device.index,
             dtype=q.dtype,
@@ -166,6 +207,15 @@ class AttentionCall:
             mask_key_padding=self.mask is not None and all(  # head and query dims absent, size 1 or stride 0
                 self.mask.dim() < -d or self.mask.shape[d] == 1 or self.mask.stride(d) == 0 for d in (-3, -2)),
         )
+        return dense if self.layout == "dense" else replace(dense, **self._layout_features())
+
+    def _layout_features(self) -> dict:
+        q_rows = self.max_seqlen_q if self.max_seqlen_q is not None else self.q.shape[2]
+        extras = tuple(name for name in ("cache_batch_idx", "cache_leftpad", "seqused_q")
+                       if getattr(self, name) is not None)
+        return dict(layout=self.layout, page_size=self.k.shape[2] if self.block_table is not None else 0,
+                    layout_extras=extras, equal_lengths=False, short_queries=q_rows <= 16,
+                    empty=self.q.numel() == 0 or self.k.shape[-1] == 0 or self.v.shape[-1] == 0)
 
 
 # --------------------------------------------------------------------------- checks
@@ -393,6 +443,8 @@ def from_flash_args(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         raise InvalidInputError(f"k and v must have the same seqlen; got {k.shape[1]} and {v.shape[1]}")
     _check_heads(Hq, k.shape[2], v.shape[2], gqa_allowed=True, hint="")
     dropout_p = _check_dropout(dropout_p)
+    if isinstance(window_size, torch.Tensor):  # flash-attn's tests pass torch.randint(0, seqlen_k, (2,))
+        window_size = window_pair(window_size)
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
@@ -434,3 +486,388 @@ def from_flash_args(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         dropout_p=dropout_p,
         want_lse=return_lse,
     )
+
+
+# --------------------------------------------------------------------------- per-sequence layouts
+#
+# Index tensors (cu_seqlens, seqused, block tables, cache positions) are checked for dtype,
+# shape and device always. Their *values* (increasing offsets, lengths within max_seqlen, pages
+# inside the cache, appends within capacity) can only be read back from the device: a host
+# sync per call, which flash-attn never pays and a decode loop cannot afford. So values are
+# checked when the tensors are on the CPU (free), and on a GPU only when
+# FASTATTN_CHECK_VALUES=1 (a debugging switch: one sync per call). Never while torch.compile
+# traces (the values are not known then).
+
+import os as _os
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether the values of index tensor ``t`` are checked (see above)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or _os.environ.get("FASTATTN_CHECK_VALUES", "0").strip().lower() in ("1", "true", "yes")
+
+
+def window_pair(window_size) -> tuple[int, int]:
+    """``window_size`` as (left, right) ints: a tuple, a list or a 2-element integer tensor
+    (flash-attn's own tests pass ``torch.randint(0, seqlen_k, (2,))``; reading a tensor's two
+    values is one small device read)."""
+    if isinstance(window_size, torch.Tensor):
+        if window_size.numel() != 2 or window_size.is_floating_point() or window_size.is_complex() \
+                or window_size.dtype == torch.bool:
+            raise TypeError(f"window_size as a tensor must hold 2 integers, got shape {tuple(window_size.shape)} "
+                            f"{window_size.dtype}")
+        window_size = tuple(int(w) for w in window_size.tolist())
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise InvalidInputError(f"window_size entries must be >= -1 (-1 = unbounded), got {(left, right)}")
+    return left, right
+
+
+def _index_tensor(name: str, t, shape: tuple, device: torch.device, dims: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype torch.int32, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise InvalidInputError(f"{name} must have dtype torch.int32, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise InvalidInputError(f"{name} must have shape {dims} = {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise InvalidInputError(f"{name} is on {t.device} but q is on {device}")
+    return t
+
+
+def _max_seqlen(name: str, value, device: torch.device) -> tuple[Optional[int], Optional[torch.Tensor]]:
+    """(the value as an int when known for free, the tensor it came from when it is one).
+
+    A Python int is used as given. A 0-d integer tensor on the CPU is read (no sync). One on a
+    GPU is not read: the launch is then sized by the storage (total tokens or cache capacity)
+    and programs past a sequence's end exit at once; no host sync and, under torch.compile,
+    nothing to specialize on. Pass an int for the tightest launch."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_floating_point() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int or a 0-d integer tensor, got a {value.dtype} tensor "
+                            f"of shape {tuple(value.shape)}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            n = int(value)
+        else:
+            return None, value
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        n = int(value)
+    else:
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got {type(value).__name__}")
+    if n < 0:
+        raise InvalidInputError(f"{name} must be >= 0, got {n}")
+    return n, None
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, max_n: Optional[int],
+                      max_t: Optional[torch.Tensor]) -> None:
+    """Values of cu_seqlens: 0 first, non-decreasing, ``total`` last, steps within max_seqlen."""
+    if not values_checked(cu):
+        return
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise InvalidInputError(f"{name} must start at 0, got {name}[0] = {vals[0]}")
+    steps = [b - a for a, b in zip(vals, vals[1:])]
+    bad = next((i for i, s in enumerate(steps) if s < 0), None)
+    if bad is not None:
+        raise InvalidInputError(f"{name} must be non-decreasing, got {name}[{bad}] = {vals[bad]} > "
+                                f"{name}[{bad + 1}] = {vals[bad + 1]}")
+    if vals[-1] != total:
+        raise InvalidInputError(f"{name} must end at the number of tokens ({total}), got {name}[-1] = {vals[-1]}")
+    limit = max_n if max_n is not None else (int(max_t) if max_t is not None else None)
+    longest = max(steps, default=0)
+    if limit is not None and longest > limit:
+        i = steps.index(longest)
+        raise InvalidInputError(f"{max_name}={limit} is smaller than sequence {i}, which has {longest} tokens "
+                                f"({name}[{i + 1}] - {name}[{i}])")
+
+
+def _check_lengths(name: str, t: Optional[torch.Tensor], low, high, what: str) -> None:
+    """Values of a per-sequence length/position tensor within [low, high] (ints or per-sequence lists)."""
+    if t is None or not values_checked(t):
+        return
+    vals = t.tolist()
+    for i, n in enumerate(vals):
+        lo = low[i] if isinstance(low, list) else low
+        hi = high[i] if isinstance(high, list) else high
+        if n < lo or (hi is not None and n > hi):
+            raise InvalidInputError(f"{name}[{i}] = {n} is outside [{lo}, {hi}] ({what})")
+
+
+def _check_block_table(block_table: torch.Tensor, num_pages: int, page_size: int, keys: list[int]) -> None:
+    """Every page a sequence uses (the first ceil(keys[b] / page_size)) lies inside the cache."""
+    if not values_checked(block_table):
+        return
+    rows = block_table.tolist()
+    for b, (row, n) in enumerate(zip(rows, keys)):
+        used = -(-n // page_size)
+        if used > len(row):
+            raise InvalidInputError(f"sequence {b} has {n} keys, more than its {len(row)} pages of {page_size} hold")
+        for j, page in enumerate(row[:used]):
+            if not 0 <= page < num_pages:
+                raise InvalidInputError(f"block_table[{b}, {j}] = {page} points outside the cache "
+                                        f"(pages 0..{num_pages - 1})")
+
+
+def _paged_cache(name: str, cache: torch.Tensor, heads_dim: int) -> int:
+    """The page size of a (num_pages, page_size, heads, dim) cache, checked."""
+    page_size = cache.shape[1]
+    if page_size <= 0 or page_size % 16 != 0:
+        raise InvalidInputError(f"{name} has pages of {page_size} tokens (dim 1); fastattn's paged kernels take "
+                                "page sizes that are a positive multiple of 16 (16, 32, ..., 256, ...)")
+    return page_size
+
+
+def _flash_extras(Hq: int, B: int, device: torch.device, softmax_scale, E: int, causal, window_size, softcap,
+                  alibi_slopes, sinks) -> dict:
+    """The flash-attn keyword features shared by the per-sequence front ends, as AttentionCall fields."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    left, right = window_pair(window_size)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
+        raise InvalidInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    slopes = None
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise InvalidInputError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if alibi_slopes.device != device:
+            raise InvalidInputError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise InvalidInputError(f"alibi_slopes must have shape (nheads,) = ({Hq},) or (batch, nheads) = "
+                                    f"({B}, {Hq}); got {tuple(alibi_slopes.shape)}")
+        slopes = alibi_slopes.reshape(-1, Hq)
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+            raise TypeError(f"learnable_sink must be a floating-point tensor, got {type(sinks).__name__}")
+        if tuple(sinks.shape) != (Hq,):
+            raise InvalidInputError(f"learnable_sink must hold one logit per query head, shape ({Hq},); "
+                                    f"got {tuple(sinks.shape)}")
+        sinks = sinks.to(device)
+    return dict(scale=_check_scale(softmax_scale, E), causal=causal, lower_right=True, window=(left, right),
+                softcap=float(softcap), alibi_slopes=slopes, sinks=sinks)
+
+
+def from_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, *,
+                     seqused_q=None, seqused_k=None, block_table=None, sinks=None,
+                     return_lse=False) -> AttentionCall:
+    """Validate ``flash_attn_varlen_func`` arguments.
+
+    q: (total_q, Hq, E); k/v: (total_k, Hkv, E) packed like q, or with ``block_table``
+    (B, pages_per_seq) a paged cache (num_pages, page_size, Hkv, E) where sequence b's
+    length is ``seqused_k[b]`` or else ``cu_seqlens_k[b+1] - cu_seqlens_k[b]``."""
+    _check_tensors(("q", "k", "v"), (q, k, v))
+    paged = block_table is not None
+    if q.dim() != 3:
+        raise InvalidInputError(f"q must be 3-d (total_q, nheads, headdim), got shape {tuple(q.shape)}")
+    want = 4 if paged else 3
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != want:
+            raise InvalidInputError(
+                f"{name} must be " + ("4-d (num_pages, page_size, nheads_k, headdim) with block_table"
+                                      if paged else "3-d (total_k, nheads_k, headdim)") + f", got shape {tuple(t.shape)}")
+    total_q, Hq, E = q.shape
+    if k.shape[-1] != E:
+        raise InvalidInputError(f"q and k must have the same head dim; got {E} and {k.shape[-1]}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise InvalidInputError(f"k and v must agree in every dim but the last; got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check_heads(Hq, k.shape[-2], v.shape[-2], gqa_allowed=True, hint="")
+    device = q.device
+    if not isinstance(cu_seqlens_q, torch.Tensor):
+        raise TypeError(f"cu_seqlens_q must be a torch.Tensor of dtype torch.int32, got {type(cu_seqlens_q).__name__}")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
+        raise InvalidInputError(f"cu_seqlens_q must be 1-d (batch + 1,), got shape {tuple(cu_seqlens_q.shape)}")
+    B = cu_seqlens_q.shape[0] - 1
+    _index_tensor("cu_seqlens_q", cu_seqlens_q, (B + 1,), device, "(batch + 1,)")
+    if cu_seqlens_k is None:
+        if not (paged and seqused_k is not None):
+            raise InvalidInputError("cu_seqlens_k is required (it may be None only with block_table and seqused_k)")
+    else:
+        _index_tensor("cu_seqlens_k", cu_seqlens_k, (B + 1,), device, "(batch + 1,) like cu_seqlens_q")
+    for name, t in (("seqused_q", seqused_q), ("seqused_k", seqused_k)):
+        if t is not None:
+            _index_tensor(name, t, (B,), device, "(batch,)")
+    mq, mq_t = _max_seqlen("max_seqlen_q", max_seqlen_q, device)
+    mk, mk_t = _max_seqlen("max_seqlen_k", max_seqlen_k, device)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", mq, mq_t)
+    if paged:
+        page_size = _paged_cache("k", k, 2)
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+            raise InvalidInputError("block_table must be a 2-d int32 tensor (batch, pages_per_seq)")
+        _index_tensor("block_table", block_table, (B, block_table.shape[1]), device, "(batch, pages_per_seq)")
+        capacity = block_table.shape[1] * page_size
+        if cu_seqlens_k is not None and values_checked(cu_seqlens_k):
+            vals = cu_seqlens_k.tolist()
+            steps = [b - a for a, b in zip(vals, vals[1:])]
+            if any(s < 0 for s in steps):
+                i = next(i for i, s in enumerate(steps) if s < 0)
+                raise InvalidInputError(f"cu_seqlens_k must be non-decreasing, got cu_seqlens_k[{i}] = {vals[i]} > "
+                                        f"cu_seqlens_k[{i + 1}] = {vals[i + 1]}")
+            keys = steps
+        else:
+            keys = None
+        _check_lengths("seqused_k", seqused_k, 0, capacity, f"a sequence holds at most {capacity} keys in its pages")
+        if values_checked(block_table):
+            keys = seqused_k.tolist() if seqused_k is not None else keys
+            limit = mk if mk is not None else (int(mk_t) if mk_t is not None else None)
+            if limit is not None and max(keys, default=0) > limit:
+                i = keys.index(max(keys))
+                raise InvalidInputError(f"max_seqlen_k={limit} is smaller than sequence {i}, which has {keys[i]} keys")
+            _check_block_table(block_table, k.shape[0], page_size, keys)
+    else:
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", mk, mk_t)
+    if cu_seqlens_k is not None and not paged and seqused_k is not None and values_checked(cu_seqlens_k):
+        room = [b - a for a, b in zip(cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])]
+        _check_lengths("seqused_k", seqused_k, 0, room, "at most the sequence's keys in cu_seqlens_k")
+    if seqused_q is not None and values_checked(seqused_q):
+        room = [b - a for a, b in zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:])]
+        _check_lengths("seqused_q", seqused_q, 0, room, "at most the sequence's queries in cu_seqlens_q")
+    extras = _flash_extras(Hq, B, device, softmax_scale, E, causal, window_size, softcap, alibi_slopes, sinks)
+    return AttentionCall(
+        q=q.transpose(0, 1).unsqueeze(0),
+        k=k.transpose(1, 2) if paged else k.transpose(0, 1).unsqueeze(0),
+        v=v.transpose(1, 2) if paged else v.transpose(0, 1).unsqueeze(0),
+        dropout_p=_check_dropout(dropout_p), want_lse=return_lse,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=None if paged else cu_seqlens_k,
+        max_seqlen_q=mq, max_seqlen_k=mk,
+        seqused_q=seqused_q,
+        # A paged sequence's keys are pages 0.. of its row: its length is all that cu_seqlens_k says.
+        seqused_k=seqused_k if seqused_k is not None or not paged else
+        (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32),
+        block_table=block_table,
+        **extras,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class KVCacheAppend:
+    """What :func:`from_kvcache_args` checked for the step before attention: the new keys and
+    values (B, L_new, Hkv, E) to write at each sequence's ``cache_seqlens`` (rotated first when
+    ``rotary_cos`` is given), and the query rotation."""
+
+    k: Optional[torch.Tensor]
+    v: Optional[torch.Tensor]
+    cache_seqlens: Optional[torch.Tensor]  # (B,) int32, before the append
+    rotary_cos: Optional[torch.Tensor]
+    rotary_sin: Optional[torch.Tensor]
+    rotary_interleaved: bool
+    rotary_per_row: bool  # causal/local: query row i at position cache_seqlens + i; else all at cache_seqlens
+
+
+def from_kvcache_args(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                      cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                      window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, sinks=None,
+                      return_lse=False) -> tuple[AttentionCall, KVCacheAppend]:
+    """Validate ``flash_attn_with_kvcache`` arguments, before anything is written.
+
+    q: (B, L, Hq, E); k_cache/v_cache: (B_cache, S, Hkv, E) or, with ``block_table``
+    (B, pages_per_seq), (num_pages, page_size, Hkv, E); k/v: (B, L_new, Hkv, E) to append.
+    Returns the attention call as it is after the append (each sequence's keys end at
+    ``cache_seqlens + L_new``) and what to append."""
+    _check_tensors(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise InvalidInputError(f"{name} must be 4-d, got shape {tuple(t.shape)}")
+    B, Lq, Hq, E = q.shape
+    device = q.device
+    paged = block_table is not None
+    if k_cache.shape[:-1] != v_cache.shape[:-1]:
+        raise InvalidInputError(f"k_cache and v_cache must agree in every dim but the last; got "
+                                f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.shape[-1] != E:
+        raise InvalidInputError(f"q and k_cache must have the same head dim; got {E} and {k_cache.shape[-1]}")
+    Hkv = k_cache.shape[2]
+    _check_heads(Hq, Hkv, v_cache.shape[2], gqa_allowed=True, hint="")
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+            raise InvalidInputError("block_table must be a 2-d int32 tensor (batch, pages_per_seq)")
+        _index_tensor("block_table", block_table, (B, block_table.shape[1]), device, "(batch, pages_per_seq)")
+        page_size = _paged_cache("k_cache", k_cache, 2)
+        capacity = block_table.shape[1] * page_size
+        if cache_batch_idx is not None:
+            raise InvalidInputError("cache_batch_idx cannot be used with block_table (a sequence's pages say where it is)")
+        if cache_leftpad is not None:
+            raise InvalidInputError("cache_leftpad cannot be used with block_table")
+    else:
+        capacity = k_cache.shape[1]
+        if cache_batch_idx is None and k_cache.shape[0] != B:
+            raise InvalidInputError(f"k_cache has {k_cache.shape[0]} batch entries but q has {B}; pass cache_batch_idx "
+                                    "to choose entries")
+    if cache_batch_idx is not None:
+        _index_tensor("cache_batch_idx", cache_batch_idx, (B,), device, "(batch,)")
+        _check_lengths("cache_batch_idx", cache_batch_idx, 0, k_cache.shape[0] - 1, "an entry of k_cache")
+    if cache_leftpad is not None:
+        _index_tensor("cache_leftpad", cache_leftpad, (B,), device, "(batch,)")
+    new_len = 0
+    if (k is None) != (v is None):
+        raise InvalidInputError("k and v must be given together (the new keys and values to append)")
+    if k is not None:
+        _check_tensors(("k", "v", "q"), (k, v, q))
+        if k.dim() != 4 or tuple(k.shape[:3]) != (B, k.shape[1], Hkv) or k.shape[-1] != E:
+            raise InvalidInputError(f"k must be (batch, seqlen_new, nheads_k, headdim) = ({B}, L_new, {Hkv}, {E}), "
+                                    f"got {tuple(k.shape)}")
+        if v.dim() != 4 or tuple(v.shape) != (*k.shape[:3], v_cache.shape[-1]):
+            raise InvalidInputError(f"v must be {(*k.shape[:3], v_cache.shape[-1])} like k, got {tuple(v.shape)}")
+        new_len = k.shape[1]
+    if cache_seqlens is None:
+        seqlens = None
+        if new_len:
+            raise InvalidInputError("appending k/v needs cache_seqlens (where each sequence's new tokens go)")
+    elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=device)
+    else:
+        seqlens = _index_tensor("cache_seqlens", cache_seqlens, (B,), device, "(batch,), or an int")
+    leftpad_vals = cache_leftpad.tolist() if cache_leftpad is not None and values_checked(cache_leftpad) else 0
+    if cache_leftpad is not None:
+        _check_lengths("cache_leftpad", cache_leftpad, 0, capacity, f"the cache holds {capacity} tokens")
+    _check_lengths("cache_seqlens", seqlens, leftpad_vals, capacity - new_len,
+                   f"appending {new_len} tokens to a cache of {capacity} per sequence" if new_len else
+                   f"the cache holds {capacity} tokens per sequence")
+    rotary_per_row = causal or tuple(window_pair(window_size)) != (-1, -1)
+    if rotary_cos is not None or rotary_sin is not None:
+        if rotary_cos is None or rotary_sin is None:
+            raise InvalidInputError("rotary_cos and rotary_sin must be given together")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+                raise InvalidInputError(f"{name} must be a 2-d float tensor (seqlen_ro, rotary_dim / 2)")
+            if t.device != device:
+                raise InvalidInputError(f"{name} is on {t.device} but q is on {device}")
+        if rotary_cos.shape != rotary_sin.shape:
+            raise InvalidInputError(f"rotary_cos and rotary_sin must have the same shape; got "
+                                    f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+        if not 0 < 2 * rotary_cos.shape[1] <= E:
+            raise InvalidInputError(f"rotary_dim = 2 x rotary_cos.shape[1] = {2 * rotary_cos.shape[1]} must be in "
+                                    f"(0, headdim = {E}]")
+        if seqlens is None:
+            raise InvalidInputError("rotary embedding needs cache_seqlens (the position of the first new token)")
+        if values_checked(seqlens):
+            start = seqlens.max().item() if B else 0  # rotary positions are cache indices (as flash-attn)
+            need = start + max(new_len, Lq if rotary_per_row else 1)
+            if need > rotary_cos.shape[0]:
+                raise InvalidInputError(f"rotary_cos has {rotary_cos.shape[0]} positions but position {need - 1} "
+                                        "is needed")
+    extras = _flash_extras(Hq, B, device, softmax_scale, E, causal, window_size, softcap, alibi_slopes, sinks)
+    seqused_k = None
+    if seqlens is not None:
+        seqused_k = seqlens + new_len if new_len else seqlens
+    elif paged or cache_leftpad is not None or cache_batch_idx is not None:
+        seqused_k = torch.full((B,), capacity, dtype=torch.int32, device=device)
+    if paged:
+        keys = seqused_k.tolist() if values_checked(block_table) else None
+        if keys is not None:
+            _check_block_table(block_table, k_cache.shape[0], page_size, keys)
+    call = AttentionCall(
+        q=q.transpose(1, 2), k=k_cache.transpose(1, 2), v=v_cache.transpose(1, 2),
+        want_lse=return_lse, seqused_k=seqused_k, block_table=block_table,
+        max_seqlen_q=Lq, max_seqlen_k=capacity if paged else None,
+        cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx, **extras)
+    append = KVCacheAppend(k, v, seqlens, rotary_cos, rotary_sin, bool(rotary_interleaved), rotary_per_row)
+    return call, append

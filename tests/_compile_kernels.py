@@ -47,17 +47,23 @@ def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps: i
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+INDEX_POINTERS = ("CuQ", "CuK", "SeqUsedQ", "SeqUsedK", "KStart", "BatchIdx", "BlockTable")
+
+
 def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8", left=False, right=True,
-                    softcap=False, alibi=False, sinks=False, split=False, pack=False, mask_rows=True):
+                    softcap=False, alibi=False, sinks=False, split=False, pack=False, mask_rows=True, per_seq=None):
+    """``per_seq``: the kernel's per-sequence flags (VARLEN_Q, PAGE_SIZE, ...) that are on."""
     Ev = E if Ev is None else Ev
     cfg = flash_fwd.block_config(E, Ev, L)
     pointers = {"Q": dtype, "K": dtype, "V": dtype, "Out": "fp32" if split else dtype, "Lse": "fp32",
                 "Mask": mask_dtype if mask else dtype, "Slopes": "fp32" if alibi else dtype,
                 "Sinks": "fp32" if sinks else dtype}
+    pointers.update({name: "i32" if per_seq else dtype for name in INDEX_POINTERS})
     constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
                       BLOCK_DV=max(16, triton.next_power_of_2(Ev)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       HAS_LEFT=left, HAS_RIGHT=right, MASK_KIND=mask, MASK_PER_ROW=bool(mask) and mask_rows, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                      HAS_SINKS=sinks, SPLIT=split, PACK_GQA=pack, UPCAST=False)
+                      HAS_SINKS=sinks, SPLIT=split, PACK_GQA=pack, UPCAST=False,
+                      **dict(flash_fwd._DENSE, **(per_seq or {})))
     return pointers, constexprs, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -77,6 +83,15 @@ VARIANTS = {
     "bf16_hd256_full": dict(E=256, right=False),
     "bf16_hd128_row_mask_causal": dict(E=128, mask=1),
     "fp16_hd128_row_mask_short": dict(dtype="fp16", E=128, L=48, mask=1, right=False),
+    # Per-sequence layouts (fastattn.kernels.triton.flash_fwd.Sequences)
+    "bf16_hd128_varlen_causal": dict(per_seq=dict(VARLEN_Q=True, VARLEN_K=True, LOWER_RIGHT=True)),
+    "bf16_hd128_varlen_paged256": dict(per_seq=dict(VARLEN_Q=True, SEQUSED_K=True, PAGE_SIZE=256, LOWER_RIGHT=True)),
+    "bf16_decode_paged16_split": dict(L=1, right=False, split=True, pack=True,
+                                      per_seq=dict(SEQUSED_K=True, PAGE_SIZE=16, LOWER_RIGHT=True)),
+    "bf16_decode_paged256_split": dict(L=1, right=False, split=True, pack=True,
+                                       per_seq=dict(SEQUSED_K=True, PAGE_SIZE=256, LOWER_RIGHT=True)),
+    "fp16_decode_leftpad_batch_idx": dict(dtype="fp16", E=64, L=1, split=True,
+                                          per_seq=dict(SEQUSED_K=True, LEFTPAD=True, BATCH_IDX=True, LOWER_RIGHT=True)),
 }
 
 

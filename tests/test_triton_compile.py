@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow  # a compile for each GPU target: the slow tier (-
 SM90 = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd256", "fp16_hd59_ev40_window", "bf16_hd64_causal",
         "bf16_hd256_full", "bf16_hd64_key_padding", "bf16_hd128_key_padding_causal", "bf16_hd64_full_mask",
         "bf16_bool_mask_softcap_alibi_sinks", "fp16_float_mask", "bf16_decode_split", "bf16_decode_pack_gqa",
-        "bf16_hd128_row_mask_causal", "fp16_hd128_row_mask_short", "combine"]
-SM80 = ["bf16_hd128_causal", "bf16_decode_split"]
+        "bf16_hd128_row_mask_causal", "fp16_hd128_row_mask_short", "combine",
+        "bf16_hd128_varlen_causal", "bf16_hd128_varlen_paged256", "bf16_decode_paged16_split",
+        "bf16_decode_paged256_split", "fp16_decode_leftpad_batch_idx"]
+SM80 = ["bf16_hd128_causal", "bf16_decode_split", "bf16_decode_paged16_split"]
 
 
 def _compile(arch, variants):

@@ -105,6 +105,9 @@ class CudaBackend(Backend):
             reasons.append("ALiBi slopes are not supported by the cuda kernel")
         if f.has_sinks:
             reasons.append("attention sinks are not supported by the cuda kernel")
+        if f.layout != "dense":
+            reasons.append(f"a {f.layout} layout (per-sequence lengths, offsets or pages) is not supported by the "
+                           "cuda kernel yet; the triton kernel runs it")
         return reasons + forward_only_reasons(f)
 
     def run(self, call: AttentionCall, *, seqused_k: Optional[torch.Tensor] = None, num_splits: int = 0):

@@ -2,12 +2,14 @@
 what SDPA cannot express (softcap, attention sinks, the log-sum-exp). It never refuses."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..inputs import AttentionCall, Features
+from ..ops.layout import empty_outputs
 from .base import Backend
 
 # Saved at import: fastattn.patch(torch_sdpa=True) may later replace the public
@@ -81,6 +83,75 @@ def math_attention(call: AttentionCall, return_probs: bool = False):
     return (out, lse, p.to(call.q.dtype)) if return_probs else (out, lse)
 
 
+def sequence_calls(call: AttentionCall):
+    """A per-sequence call (varlen, paged, indexed cache) as dense calls, one per sequence:
+    yields (b, query rows of the output it fills, the dense call). Reads the index tensors
+    on the host (a sync on a GPU: this is the fallback, not a kernel)."""
+    B = call.num_seqs
+    host = {name: None if t is None else t.tolist() for name, t in (
+        ("cu_q", call.cu_seqlens_q), ("cu_k", call.cu_seqlens_k), ("used_q", call.seqused_q),
+        ("used_k", call.seqused_k), ("leftpad", call.cache_leftpad), ("batch_idx", call.cache_batch_idx),
+        ("pages", call.block_table))}
+    for b in range(B):
+        if host["cu_q"] is not None:
+            q_lo, q_hi = host["cu_q"][b], host["cu_q"][b + 1]
+            q = call.q[:, :, q_lo:q_hi]
+        else:
+            q_lo, q_hi = 0, call.q.shape[2]
+            q = call.q[b:b + 1]
+        if host["used_q"] is not None:
+            q_hi = q_lo + host["used_q"][b]
+            q = q[:, :, :host["used_q"][b]]
+        if host["pages"] is not None:
+            page = call.k.shape[2]
+            n = host["used_k"][b]
+            used = host["pages"][b][:-(-n // page)]
+            index = torch.tensor(used, dtype=torch.long, device=call.k.device)
+            k, v = (t.index_select(0, index).transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3])[:, :, :n]
+                    for t in (call.k, call.v))
+        else:
+            if host["cu_k"] is not None:
+                k_lo, k_hi = host["cu_k"][b], host["cu_k"][b + 1]
+                entry = 0
+            else:
+                k_lo, k_hi = 0, call.k.shape[2]
+                entry = host["batch_idx"][b] if host["batch_idx"] is not None else b
+            if host["used_k"] is not None:
+                k_hi = k_lo + host["used_k"][b]
+            if host["leftpad"] is not None:
+                k_lo = host["leftpad"][b]
+            k, v = (t[entry:entry + 1, :, k_lo:k_hi] for t in (call.k, call.v))
+        slopes = call.alibi_slopes
+        if slopes is not None and slopes.shape[0] > 1:
+            slopes = slopes[b:b + 1]
+        dense = replace(call, q=q, k=k, v=v, alibi_slopes=slopes, cu_seqlens_q=None, cu_seqlens_k=None,
+                        max_seqlen_q=None, max_seqlen_k=None, seqused_q=None, seqused_k=None, block_table=None,
+                        cache_leftpad=None, cache_batch_idx=None)
+        yield b, (q_lo, q_hi), dense
+
+
+def run_by_sequence(call: AttentionCall, run_dense):
+    """Run a per-sequence call as one dense call per sequence (every feature kept: each
+    sequence's diagonal, window, softcap, ALiBi, sinks). Rows no sequence uses: 0, lse +inf."""
+    out, lse = empty_outputs(call.q, call.v.shape[-1])
+    out.zero_()
+    lse.fill_(float("inf"))
+    packed = call.cu_seqlens_q is not None
+    for b, (lo, hi), dense in sequence_calls(call):
+        if hi == lo:
+            continue
+        o, l = run_dense(replace(dense, want_lse=True) if call.want_lse else dense)
+        if packed:
+            out[:, :, lo:hi] = o
+            if l is not None:
+                lse[:, :, lo:hi] = l
+        else:
+            out[b:b + 1, :, lo:hi] = o
+            if l is not None:
+                lse[b:b + 1, :, lo:hi] = l
+    return out, lse if call.want_lse else None
+
+
 class SDPABackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention (any device and dtype); exact math for softcap and sinks"
@@ -89,6 +160,8 @@ class SDPABackend(Backend):
         return []
 
     def run(self, call: AttentionCall):
+        if call.layout != "dense":
+            return run_by_sequence(call, self.run)
         if call.softcap > 0 or call.sinks is not None or call.want_lse:
             return math_attention(call)
         # torch's is_causal is top-left and refuses an explicit mask beside it; anything

@@ -56,10 +56,17 @@ class TritonBackend(Backend):
             reasons.append(f"head_dim={max(f.head_dim, f.head_dim_v)} is too large (supported: <= {MAX_HEAD_DIM})")
         if f.empty:
             reasons.append("an empty sequence or head dim: nothing for a kernel to do")
+        if f.layout != "dense" and f.mask_dtype is not None:
+            reasons.append(f"an attn_mask beside a {f.layout} layout is not supported (per-sequence lengths say "
+                           "which keys each sequence has)")
+        if f.layout != "dense" and f.needs_grad:
+            reasons.append(f"inputs require grad and the {f.layout} layout has no backward kernel yet")
         return reasons + forward_only_reasons(f)
 
-    def run(self, call: AttentionCall):
+    def run(self, call: AttentionCall, *, num_splits: int = 0):
         left, right = call.key_bounds
+        if call.layout != "dense":
+            return self._run_per_sequence(call, left, right, num_splits)
         if torch.compiler.is_compiling():
             # Opaque to the compiler, with a fake implementation (fastattn/ops/triton_fwd.py).
             from ..ops.triton_fwd import triton_fwd
@@ -78,3 +85,22 @@ class TritonBackend(Backend):
             alibi_slopes=call.alibi_slopes,
             sinks=call.sinks,
         )
+
+    def _run_per_sequence(self, call: AttentionCall, left: int, right: int, num_splits: int):
+        """Varlen and paged calls: the kernel reads each sequence's lengths, offsets and pages."""
+        if torch.compiler.is_compiling():
+            from ..ops.triton_varlen import triton_varlen_fwd
+
+            return triton_varlen_fwd(
+                call.q, call.k, call.v, call.alibi_slopes, call.sinks, call.cu_seqlens_q, call.cu_seqlens_k,
+                call.seqused_q, call.seqused_k, call.cache_leftpad, call.cache_batch_idx, call.block_table,
+                call.num_seqs, call.max_seqlen_q, call.max_seqlen_k, call.scale, left, right, call.lower_right,
+                call.softcap, num_splits)
+        from ..kernels.triton.flash_fwd import Sequences, flash_attn_forward
+
+        seqs = Sequences(call.num_seqs, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
+                         call.seqused_q, call.seqused_k, call.cache_leftpad, call.cache_batch_idx, call.block_table,
+                         call.lower_right)
+        return flash_attn_forward(call.q, call.k, call.v, scale=call.scale, causal_bounds=(left, right),
+                                  softcap=call.softcap, alibi_slopes=call.alibi_slopes, sinks=call.sinks,
+                                  num_splits=num_splits or None, seqs=seqs)

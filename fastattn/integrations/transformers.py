@@ -35,7 +35,7 @@ import torch
 from .. import dispatch
 from ..backends.sdpa import math_attention
 from ..functional import attention
-from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, mask_dtypes, with_extras
+from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, from_varlen_args, mask_dtypes, with_extras
 
 __all__ = [
     "NAME",
@@ -151,13 +151,6 @@ def _compute_dtype(module, device_type: str) -> Optional[torch.dtype]:
 # --------------------------------------------------------------------------- the attention function
 
 
-def _padding_free_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, L: int, S: int) -> torch.Tensor:
-    """(1, 1, L, S) bool: query and key in the same packed sequence (cu_seq_lens given, no mask)."""
-    seg_q = torch.searchsorted(cu_q[1:].to(torch.long), torch.arange(L, device=cu_q.device), right=True)
-    seg_k = torch.searchsorted(cu_k[1:].to(torch.long), torch.arange(S, device=cu_k.device), right=True)
-    return (seg_q[:, None] == seg_k[None, :]).view(1, 1, L, S)
-
-
 def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> AttentionCall:
     """Transformers' arguments -> one validated AttentionCall, with the semantics of
     Transformers' SDPA path (``sdpa_attention_forward``)."""
@@ -184,8 +177,22 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if mask is None and cu_q is not None and query.shape[0] == 1 and cu_q.numel() > 2:
-        # Padding-free batch handed over without a mask: keep each packed sequence to itself.
-        mask = _padding_free_mask(cu_q, cu_k if cu_k is not None else cu_q, L, S)
+        # Padding-free batch handed over without a mask: each packed sequence to itself, as varlen.
+        return _packed_call(module, query, key, value, cu_q, cu_k if cu_k is not None else cu_q,
+                            kwargs.get("max_length_q"), kwargs.get("max_length_k"), dropout, scaling, kwargs)
+    if (mask is None and query.shape[0] == 1 and L == S and L > 1 and kwargs.get("position_bias") is None
+            and not kwargs.get("output_attentions")):
+        # No mask but position_ids that restart (a padding-free batch whose mask was skipped,
+        # e.g. a model that made a cache in training): separate sequences, as flash-attn's path does.
+        packed = _packed_from_position_ids(kwargs.get("position_ids"), L)
+        if packed is not None:
+            cu, longest = packed
+            return _packed_call(module, query, key, value, cu, cu, longest, longest, dropout, scaling, kwargs)
+    packed = _packed_sequences(mask, query.shape[0], L, S)
+    if packed is not None and kwargs.get("position_bias") is None:  # packed position_ids: the mask's own varlen form
+        cu, longest, window = packed
+        return _packed_call(module, query, key, value, cu, cu, longest, longest, dropout, scaling, kwargs,
+                            window=window)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5-style additive bias, combined as Transformers does
         if mask is None:
@@ -204,6 +211,29 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
                              scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return with_extras(call, causal=causal, window=window, softcap=kwargs.get("softcap") or 0.0,
                        sinks=kwargs.get("s_aux"))
+
+
+def _packed_call(module, query, key, value, cu_q, cu_k, max_q, max_k, dropout, scaling, kwargs,
+                 window: Optional[tuple[int, int]] = None) -> AttentionCall:
+    """A padding-free batch (one row of packed sequences) as a varlen call: no (L, S) mask,
+    each sequence causal on its own, the kernel never visits another sequence's keys.
+    ``window``: the causal window the model's mask applies (packed position_ids), else
+    causality and the window come from the module and kwargs as on the dense path."""
+    if window is not None:
+        causal = True
+    else:
+        is_causal = kwargs.get("is_causal")
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        window = (-1, -1)
+        sliding_window = kwargs.get("sliding_window")
+        if causal and sliding_window is not None and sliding_window > 0:
+            window = (int(sliding_window) - 1, 0)  # Transformers' window includes the current token
+    L, S = query.shape[2], key.shape[2]
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    return from_varlen_args(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
+        L if max_q is None else max_q, S if max_k is None else max_k,  # the row's length bounds every sequence
+        float(dropout or 0.0), scaling, causal, window, kwargs.get("softcap") or 0.0, sinks=kwargs.get("s_aux"))
 
 
 def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +331,11 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
                                    local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
                                    allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
                                    device=device, **kwargs)
+    if (mask is not None and attention_mask is None and batch_size == 1 and q_length == kv_length
+            and not torch.compiler.is_compiling() and not use_vmap):
+        found = _packed_sequence_ids(factory, masking_utils)
+        if found is not None and tuple(found[0].shape) == (1, q_length):  # cumulative sums: non-decreasing
+            setattr(mask, _PACKED, (*_packed_boundaries(found[0].to(mask.device)), found[1]))
     offsets_known = all(isinstance(x, numbers.Integral) for x in (q_offset, kv_offset))  # StaticCache: a GPU tensor
     if plain and offsets_known and factory is masking_utils.causal_mask_function and mask is not None:
         # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
@@ -308,6 +343,109 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         setattr(mask, _CAUSAL_PADDING, (_padding_row(attention_mask, kv_offset, kv_length, device),
                                         int(q_offset) - int(kv_offset)))
     return mask
+
+
+# A causal mask over packed sequences (position_ids that restart, no attention_mask: Transformers'
+# padding-free training, e.g. DataCollatorWithFlattening without flash kwargs) also carries the
+# sequences' boundaries: (cu_seqlens int32, longest length). attention_forward runs it as varlen.
+_PACKED = "_fastattn_packed"
+
+
+def _closure(fn) -> dict:
+    cells = getattr(fn, "__closure__", None) or ()
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in cells))) if hasattr(fn, "__code__") else {}
+
+
+def _and_parts(fn) -> Optional[tuple]:
+    """The mask functions of Transformers' ``and_masks(...)``, or None."""
+    if getattr(fn, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return None
+    parts = _closure(fn).get("mask_functions")
+    return parts if isinstance(parts, tuple) else None
+
+
+def _causal_window(fn, masking_utils) -> Optional[tuple[int, int]]:
+    """(left, right) key bounds when ``fn`` is ``causal_mask_function`` (-1, 0) or
+    ``sliding_window_causal_mask_function(W)`` (W - 1, 0); None for anything else."""
+    if fn is masking_utils.causal_mask_function:
+        return (-1, 0)
+    parts = _and_parts(fn)
+    if parts is None or len(parts) != 2 or parts[1] is not masking_utils.causal_mask_function:
+        return None
+    overlay = parts[0]
+    width = _closure(overlay).get("sliding_window")
+    if (getattr(overlay, "__qualname__", "") != "sliding_window_overlay.<locals>.inner_mask"
+            or not isinstance(width, int) or width <= 0):
+        return None
+    return (width - 1, 0)  # kv_idx > q_idx - W: W - 1 keys to the left
+
+
+def _packed_sequence_ids(factory, masking_utils) -> Optional[tuple[torch.Tensor, tuple[int, int]]]:
+    """The (B, L) sequence ids and the causal window when ``factory`` is what Transformers'
+    create_causal_mask / create_sliding_window_causal_mask build for packed position_ids:
+    ``and_masks(remap_positions_for_packed_sequence(<causal or sliding causal>, ...),
+    packed_sequence_mask_function(ids))``; None for anything else (which keeps its mask)."""
+    parts = _and_parts(factory)
+    if parts is None or len(parts) != 2:
+        return None
+    remapped, packed = parts
+    if (getattr(remapped, "__qualname__", "") != "remap_positions_for_packed_sequence.<locals>.inner_mask"
+            or getattr(packed, "__qualname__", "") != "packed_sequence_mask_function.<locals>.inner_mask"):
+        return None
+    window = _causal_window(_closure(remapped).get("mask_function"), masking_utils)
+    ids = _closure(packed).get("packed_sequence_mask")
+    if window is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    return ids, window
+
+
+def _packed_boundaries(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32) and the longest sequence of one row of non-decreasing sequence ids.
+    The longest length is read once per forward (one small device read, shared by every layer)."""
+    lengths = torch.bincount(ids[0] - ids[0, 0])
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, int(lengths.max())
+
+
+_last_position_ids: list = []  # [(weakref to the position_ids tensor, its version, result)]: one per forward
+
+
+def _packed_from_position_ids(position_ids, L: int):
+    """(cu_seqlens, longest) when one row of ``position_ids`` restarts (Transformers' rule:
+    a new sequence wherever the position does not grow by 1), else None. Worked out once
+    per tensor: every layer of a forward gets the same position_ids (one device read)."""
+    if not isinstance(position_ids, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        row = position_ids[0]
+    elif position_ids.dim() == 1:
+        row = position_ids
+    else:
+        return None
+    if row.shape[0] != L:
+        return None
+    if _last_position_ids:
+        ref, version, result = _last_position_ids[0]
+        if ref() is position_ids and version == position_ids._version:
+            return result
+    starts = torch.diff(row, prepend=row[:1] - 1) != 1
+    ids = starts.cumsum(0)
+    result = _packed_boundaries(ids[None]) if bool(ids[-1] > 0) else None
+    import weakref
+
+    _last_position_ids[:] = [(weakref.ref(position_ids), position_ids._version, result)]
+    return result
+
+
+def _packed_sequences(mask: Optional[torch.Tensor], B: int, L: int, S: int):
+    """(cu_seqlens, longest) when ``mask`` is one that :func:`mask_function` built for packed
+    sequences of these sizes, else None."""
+    if mask is None or B != 1 or torch.compiler.is_compiling():
+        return None
+    packed = getattr(mask, _PACKED, None)
+    if packed is None or tuple(mask.shape[-2:]) != (L, S) or L != S or packed[0].device != mask.device:
+        return None
+    return packed
 
 
 def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int):

@@ -13,6 +13,7 @@ the keys. Explicit masks and ALiBi are applied in every block.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -38,17 +39,32 @@ def _block_update(
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     seqlen_q, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, slope,
+    Pages, stride_kpage, stride_vpage,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     cols = start_n + offs_n
     # Tile pointers are formed here from scalar bases rather than kept across the loop:
     # a (128 x 64) tile of 64-bit pointers held live costs 64 registers a thread and
     # made the kernel spill. K is read transposed: a (BLOCK_D, BLOCK_N) tile.
-    K_ptrs = K_base + tl.cast(start_n, tl.int64) * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
-    V_ptrs = V_base + tl.cast(start_n, tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+    if PAGE_SIZE == 0:
+        K_ptrs = K_base + tl.cast(start_n, tl.int64) * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+        V_ptrs = V_base + tl.cast(start_n, tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+    elif PAGE_SIZE % BLOCK_N == 0:
+        # Paged K/V, the key block inside one page: one page number for the tile
+        # (start_n < seqlen_k, so the page is one the sequence uses).
+        page = tl.load(Pages + start_n // PAGE_SIZE).to(tl.int64)
+        slot = start_n % PAGE_SIZE
+        K_ptrs = K_base + page * stride_kpage + slot * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+        V_ptrs = V_base + page * stride_vpage + slot * stride_vn + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+    else:
+        # Pages smaller than the key block (or not a divisor of it): a page number per key.
+        pages = tl.load(Pages + cols // PAGE_SIZE, mask=cols < seqlen_k, other=0).to(tl.int64)
+        slots = cols % PAGE_SIZE
+        K_ptrs = K_base + (pages * stride_kpage + slots * stride_kn)[None, :] + offs_d[:, None] * stride_kd
+        V_ptrs = V_base + (pages * stride_vpage + slots * stride_vn)[:, None] + offs_dv[None, :] * stride_vd
     if CHECK_BOUNDS:
         k = tl.load(K_ptrs,
                     mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
@@ -130,6 +146,7 @@ def _block_update(
 @triton.jit
 def _flash_fwd_kernel(
     Q, K, V, Out, Lse, Mask, Slopes, Sinks,
+    CuQ, CuK, SeqUsedQ, SeqUsedK, KStart, BatchIdx, BlockTable, stride_bt,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -145,8 +162,20 @@ def _flash_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, SEQUSED_Q: tl.constexpr, SEQUSED_K: tl.constexpr,
+    LEFTPAD: tl.constexpr, BATCH_IDX: tl.constexpr, PAGE_SIZE: tl.constexpr, LOWER_RIGHT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
+    # Per-sequence layouts (all off for a dense call, which compiles exactly as before):
+    # VARLEN_Q/K: packed tokens, sequence b at rows cu[b]:cu[b+1] of a (1, H, total, E) view;
+    # SEQUSED_Q/K: sequence b uses only its first seqused[b] queries/keys;
+    # LEFTPAD: sequence b's keys start at KStart[b] (and end at seqused_k[b]);
+    # BATCH_IDX: sequence b reads K/V batch BatchIdx[b]; PAGE_SIZE > 0: K/V are pages
+    # (num_pages, H, PAGE_SIZE, E) and sequence b's key j is in page BlockTable[b, j // PAGE_SIZE].
+    # Then seqlen_q/seqlen_k arrive as the launch bounds and become the sequence's own,
+    # and with LOWER_RIGHT the diagonal is the sequence's own (seqlen_k - seqlen_q).
+    PER_SEQ: tl.constexpr = VARLEN_Q or VARLEN_K or SEQUSED_Q or SEQUSED_K or LEFTPAD or BATCH_IDX or PAGE_SIZE > 0
     if HAS_RIGHT:
         # Causal row blocks get longer with start_m: start the long ones first so the
         # short ones fill the tail of the launch.
@@ -161,19 +190,61 @@ def _flash_fwd_kernel(
     # Each row of the tile is one (query head, query position) pair.
     off_bh = tl.program_id(1)
     if PACK_GQA:
-        # Decode with GQA: one program serves every query head of its K/V head, so K/V
-        # are read once per group instead of once per query head. Rows run over
-        # (head in group, position).
         num_kv_heads = num_heads // kv_group
         off_b = off_bh // num_kv_heads
         off_hk = off_bh % num_kv_heads
-        row_head = off_hk * kv_group + offs_m // seqlen_q
-        row_pos = offs_m % seqlen_q
-        row_valid = offs_m < kv_group * seqlen_q
     else:
         off_b = off_bh // num_heads
         off_h = off_bh % num_heads
         off_hk = off_h // kv_group
+    off_bk = off_b  # the K/V batch entry
+    Pages = BlockTable
+    if PER_SEQ:
+        q_start = 0
+        k_start = 0
+        if VARLEN_Q:
+            q_start = tl.load(CuQ + off_b)
+            seqlen_q = tl.load(CuQ + off_b + 1) - q_start
+        if SEQUSED_Q:
+            seqlen_q = tl.load(SeqUsedQ + off_b)
+        if VARLEN_K:
+            k_first = tl.load(CuK + off_b)
+            seqlen_k = tl.load(CuK + off_b + 1) - k_first
+            if PAGE_SIZE == 0:
+                k_start = k_first
+        if SEQUSED_K:
+            seqlen_k = tl.load(SeqUsedK + off_b)
+        if LEFTPAD:
+            k_start = tl.load(KStart + off_b)
+            seqlen_k = seqlen_k - k_start
+        if BATCH_IDX:
+            off_bk = tl.load(BatchIdx + off_b)
+        if LOWER_RIGHT:
+            diag_offset = seqlen_k - seqlen_q
+        # The launch covers the longest sequence (or a bound on it): programs past the end
+        # of this one have nothing to do.
+        if PACK_GQA:
+            if start_m * BLOCK_M >= kv_group * seqlen_q:
+                return
+        elif start_m * BLOCK_M >= seqlen_q:
+            return
+        if VARLEN_Q:
+            Q += q_start.to(tl.int64) * stride_qm
+            Out += q_start.to(tl.int64) * stride_om
+            Lse += q_start.to(tl.int64)
+        if PAGE_SIZE > 0:
+            Pages = BlockTable + off_b.to(tl.int64) * stride_bt
+        else:
+            K += k_start.to(tl.int64) * stride_kn
+            V += k_start.to(tl.int64) * stride_vn
+    if PACK_GQA:
+        # Decode with GQA: one program serves every query head of its K/V head, so K/V
+        # are read once per group instead of once per query head. Rows run over
+        # (head in group, position).
+        row_head = off_hk * kv_group + offs_m // seqlen_q
+        row_pos = offs_m % seqlen_q
+        row_valid = offs_m < kv_group * seqlen_q
+    else:
         row_head = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h
         row_pos = offs_m
         row_valid = offs_m < seqlen_q
@@ -183,8 +254,12 @@ def _flash_fwd_kernel(
     q_ptrs = Q + off_b.to(tl.int64) * stride_qb \
         + (row_head.to(tl.int64) * stride_qh + row_pos.to(tl.int64) * stride_qm)[:, None] + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    K_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    V_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    if PAGE_SIZE > 0:  # the batch stride is the page stride: pages are chosen per key block
+        K_base = K + off_hk.to(tl.int64) * stride_kh
+        V_base = V + off_hk.to(tl.int64) * stride_vh
+    else:
+        K_base = K + off_bk.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+        V_base = V + off_bk.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     M_base = Mask + off_b.to(tl.int64) * stride_mb
     m_rows = row_head.to(tl.int64) * stride_mh + row_pos.to(tl.int64) * stride_mm
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -240,23 +315,23 @@ def _flash_fwd_kernel(
         acc, m_i, l_i = _block_update(
             acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
-            qk_scale, softcap_in, softcap_out, slope,
+            qk_scale, softcap_in, softcap_out, slope, Pages, stride_kb, stride_vb,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, UPCAST)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         acc, m_i, l_i = _block_update(
             acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
-            qk_scale, softcap_in, softcap_out, slope,
+            qk_scale, softcap_in, softcap_out, slope, Pages, stride_kb, stride_vb,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, False,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, UPCAST)
     for start_n in range(mid_hi, hi, BLOCK_N):
         acc, m_i, l_i = _block_update(
             acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
-            qk_scale, softcap_in, softcap_out, slope,
+            qk_scale, softcap_in, softcap_out, slope, Pages, stride_kb, stride_vb,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, UPCAST)
 
     # Rows with no visible key: output 0 (as torch >= 2.5) and lse = +inf, so that a
     # backward pass computing exp(s - lse) gets 0 there.
@@ -382,9 +457,36 @@ def _smaller(cfg: dict) -> dict:
     return {}
 
 
+class Sequences(NamedTuple):
+    """Per-sequence K/V and query layout for one launch (see the kernel's flags). Index
+    tensors are int32 on the inputs' device; ``None`` = not used.
+
+    ``max_seqlen_q`` / ``max_seqlen_k``: the longest sequence, only to size the launch;
+    ``None`` = unknown without reading device memory, then the launch is sized by the
+    storage (total tokens, or the cache's capacity) and programs past a sequence's end
+    exit at once. ``lower_right``: each sequence's diagonal is its own bottom-right corner.
+    """
+
+    num_seqs: int
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: Optional[int] = None
+    max_seqlen_k: Optional[int] = None
+    seqused_q: Optional[torch.Tensor] = None
+    seqused_k: Optional[torch.Tensor] = None
+    cache_leftpad: Optional[torch.Tensor] = None
+    cache_batch_idx: Optional[torch.Tensor] = None
+    block_table: Optional[torch.Tensor] = None
+    lower_right: bool = False
+
+
+_DENSE = dict(VARLEN_Q=False, VARLEN_K=False, SEQUSED_Q=False, SEQUSED_K=False, LEFTPAD=False, BATCH_IDX=False,
+              PAGE_SIZE=0, LOWER_RIGHT=False)  # the per-sequence flags of a dense launch: all off
+
+
 def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
                        softcap=0.0, alibi_slopes=None, sinks=None, out=None, config=None, num_splits=None,
-                       pack_gqa=None):
+                       pack_gqa=None, seqs: Optional[Sequences] = None):
     """Run the kernel.
 
     q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev), any strides;
@@ -396,6 +498,9 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     GPU raises instead of stepping down; num_splits: split-KV factor (None = choose);
     pack_gqa: put all query heads of a K/V head in one program (None = for short
     queries with GQA, where reading K/V once per group is what counts).
+    seqs: per-sequence layout (:class:`Sequences`): then q is (1, Hq, total_q, E) when packed
+    (else (B, Hq, L, E)), k/v (1, Hkv, total_k, E) when packed, (num_pages, Hkv, page_size, E)
+    when paged, else (B_cache, Hkv, S, E); ``diag_offset`` is ignored (each sequence has its own).
     Returns out (B, Hq, L, Ev) laid out like q, and lse (B, Hq, L) float32.
     """
     B, Hq, L, E = q.shape
@@ -406,9 +511,44 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
         lse = q.new_empty((B, Hq, L), dtype=torch.float32)
     else:
         out, lse = empty_outputs(q, Ev)
+    storage_q, storage_b = L, B  # the rows and batch entries of q's storage (the combine covers them all)
+    q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
+    o_batch_stride, l_batch_stride = None, None
+    index_args = (q,) * 7 + (0,)  # unused pointers and block-table stride on the dense path
+    page_size = 0
+    if seqs is not None:
+        B = seqs.num_seqs
+        page_size = 0 if seqs.block_table is None else k.shape[2]
+        # The launch bounds: the longest sequence, or what the storage holds.
+        L = seqs.max_seqlen_q if seqs.max_seqlen_q is not None else L
+        if seqs.max_seqlen_k is not None:
+            S = seqs.max_seqlen_k
+        elif page_size:
+            S = seqs.block_table.shape[1] * page_size
+        if seqs.cu_seqlens_q is not None:  # packed: no batch stride, sequence b starts at row cu[b]
+            q_strides = (0,) + q_strides[1:]
+            o_batch_stride, l_batch_stride = 0, 0
+        if seqs.cu_seqlens_k is not None and not page_size:
+            k_strides, v_strides = (0,) + k_strides[1:], (0,) + v_strides[1:]
+        if seqs.seqused_q is not None:  # rows past a sequence's used queries: zeros, lse +inf
+            out.zero_()
+            lse.fill_(float("inf"))
+            num_splits = 1  # (the combine would read their unwritten partial rows)
+        bt = seqs.block_table
+        index_args = tuple(q if t is None else t for t in (
+            seqs.cu_seqlens_q, seqs.cu_seqlens_k, seqs.seqused_q, seqs.seqused_k, seqs.cache_leftpad,
+            seqs.cache_batch_idx, bt)) + (0 if bt is None else bt.stride(0),)
+    per_seq_flags = _DENSE if seqs is None else dict(
+        VARLEN_Q=seqs.cu_seqlens_q is not None, VARLEN_K=seqs.cu_seqlens_k is not None,
+        SEQUSED_Q=seqs.seqused_q is not None, SEQUSED_K=seqs.seqused_k is not None,
+        LEFTPAD=seqs.cache_leftpad is not None, BATCH_IDX=seqs.cache_batch_idx is not None,
+        PAGE_SIZE=page_size, LOWER_RIGHT=seqs.lower_right,
+    )
 
     if mask is None:
         mask_kind, mask_arg, mstrides = MASK_NONE, q, (0, 0, 0, 0)
+    elif seqs is not None:
+        raise ValueError("an attn_mask cannot be combined with a per-sequence layout")
     else:
         mask = mask.expand(B, Hq, L, S)  # a view: broadcast dims get stride 0, nothing is materialized
         mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
@@ -433,6 +573,8 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     cfg = dict(config or block_config(E, Ev, rows))
     block_d = max(16, triton.next_power_of_2(E))
     block_dv = max(16, triton.next_power_of_2(Ev))
+    if rows == 0 or programs_per_row_block == 0:  # per-sequence launch with no query at all
+        return out, lse
 
     with device_guard(q.device):
         while True:
@@ -440,20 +582,21 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
             m_blocks = triton.cdiv(rows, block_m)
             splits = num_splits or choose_num_splits(m_blocks * programs_per_row_block, S, block_n, q.device)
             splits = max(1, min(splits, triton.cdiv(S, block_n)))
-            split_size = triton.cdiv(triton.cdiv(S, block_n), splits) * block_n
-            splits = triton.cdiv(S, split_size)
+            split_size = triton.cdiv(triton.cdiv(max(S, 1), block_n), splits) * block_n
+            splits = triton.cdiv(max(S, 1), split_size)
             if splits > 1:
-                part_out = torch.empty((splits, B, Hq, L, Ev), dtype=torch.float32, device=q.device)
-                part_lse = torch.empty((splits, B, Hq, L), dtype=torch.float32, device=q.device)
+                part_out = torch.empty((splits, storage_b, Hq, storage_q, Ev), dtype=torch.float32, device=q.device)
+                part_lse = torch.empty((splits, storage_b, Hq, storage_q), dtype=torch.float32, device=q.device)
                 dst_out, dst_lse = part_out[0], part_lse[0]
                 split_strides = (part_out.stride(0), part_lse.stride(0))
             else:
                 dst_out, dst_lse, split_strides = out, lse, (0, 0)
+            o_strides = dst_out.stride() if o_batch_stride is None else (o_batch_stride,) + dst_out.stride()[1:]
+            l_strides = (dst_lse.stride(0) if l_batch_stride is None else l_batch_stride, dst_lse.stride(1))
             try:
                 _flash_fwd_kernel[(m_blocks, programs_per_row_block, splits)](
-                    q, k, v, dst_out, dst_lse, mask_arg, slopes_arg, sinks_arg,
-                    *q.stride(), *k.stride(), *v.stride(), *dst_out.stride(),
-                    dst_lse.stride(0), dst_lse.stride(1),
+                    q, k, v, dst_out, dst_lse, mask_arg, slopes_arg, sinks_arg, *index_args,
+                    *q_strides, *k_strides, *v_strides, *o_strides, *l_strides,
                     *split_strides, split_size,
                     *mstrides, *sstrides,
                     Hq, Hq // Hkv, L, S,
@@ -464,7 +607,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
                     HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                     MASK_KIND=mask_kind, MASK_PER_ROW=mask_per_row, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-                    HAS_SINKS=sinks is not None, SPLIT=splits > 1, PACK_GQA=pack_gqa,
+                    HAS_SINKS=sinks is not None, SPLIT=splits > 1, PACK_GQA=pack_gqa, **per_seq_flags,
                     UPCAST=interpreting(),
                     **cfg,
                 )
@@ -477,7 +620,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
                 continue
             break
         if splits > 1:
-            _combine_splits_kernel[(L, B * Hq)](
+            _combine_splits_kernel[(storage_q, storage_b * Hq)](
                 part_out, part_lse, out, lse, sinks_arg,
                 *part_out.stride(), *part_lse.stride()[:3],
                 *out.stride(), lse.stride(0), lse.stride(1),
