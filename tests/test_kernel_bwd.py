@@ -59,10 +59,10 @@ def run(q, k, v, do, *, scale=None, dlse=None, poison=True, config=None, **featu
     return grads, lse
 
 
-def check(q, k, v, do, *, scale=None, dlse=None, **features):
+def check(q, k, v, do, *, scale=None, dlse=None, config=None, **features):
     """Run the kernels and hold every gradient to the rule; returns the kernel's gradients."""
     scale = scale or q.shape[-1] ** -0.5
-    grads, lse = run(q, k, v, do, scale=scale, dlse=dlse, **features)
+    grads, lse = run(q, k, v, do, scale=scale, dlse=dlse, config=config, **features)
     ref = reference_gradients(q, k, v, do, scale=scale, dlse=dlse, **features)
     ref_lowp = reference_gradients(q, k, v, do, scale=scale, dlse=dlse, compute_dtype=None, **features)
     for name, got, like, r, r_lowp in zip(("dq", "dk", "dv", "dsinks"), grads, (q, k, v, None), ref, ref_lowp):

@@ -41,6 +41,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _to_dtype(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even as the GPU's cast does. The interpreter
+    (Triton 3.8) truncates float32 -> bfloat16 and ignores ``fp_downcast_rounding``,
+    which biases every rounded product and output by up to one ulp: round the bits here."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _log2_scores(
     qk, rows, cols, M_base, stride_mm, stride_mn,
     seqlen_q, seqlen_k, diag_offset, window_left, window_right,
@@ -173,7 +186,7 @@ def _dkdv_block(
     pT = tl.exp2(sT - lse[None, :])  # rows with no visible key: lse = +inf, P = 0
     if UPCAST:
         # Round P and dS to the input dtype as the tensor-core path does, then multiply in fp32.
-        dv += tl.dot(pT.to(do.dtype).to(tl.float32), do.to(tl.float32))
+        dv += tl.dot(_to_dtype(pT, do.dtype, UPCAST).to(tl.float32), do.to(tl.float32))
         dpT = tl.dot(v.to(tl.float32), tl.trans(do.to(tl.float32)))
     else:
         dv = tl.dot(pT.to(do.dtype), do, dv)
@@ -182,7 +195,7 @@ def _dkdv_block(
     if HAS_SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
     if UPCAST:
-        dk += tl.dot(dsT.to(qT.dtype).to(tl.float32), tl.trans(qT.to(tl.float32)))
+        dk += tl.dot(_to_dtype(dsT, qT.dtype, UPCAST).to(tl.float32), tl.trans(qT.to(tl.float32)))
     else:
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
     return dk, dv
@@ -287,10 +300,10 @@ def _flash_bwd_dkdv_kernel(
     store_ok = col_ok[:, None]
     tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
              + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=store_ok & (offs_d[None, :] < HEAD_DIM))
+             _to_dtype(dk, DK.dtype.element_ty, UPCAST), mask=store_ok & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
              + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=store_ok & (offs_dv[None, :] < HEAD_DIM_V))
+             _to_dtype(dv, DV.dtype.element_ty, UPCAST), mask=store_ok & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 # --------------------------------------------------------------------------- dQ
@@ -336,7 +349,7 @@ def _dq_block(
     if HAS_SOFTCAP:
         ds = ds * (1.0 - t * t)
     if UPCAST:
-        dq += tl.dot(ds.to(q.dtype).to(tl.float32), tl.trans(kT.to(tl.float32)))
+        dq += tl.dot(_to_dtype(ds, q.dtype, UPCAST).to(tl.float32), tl.trans(kT.to(tl.float32)))
     else:
         dq = tl.dot(ds.to(q.dtype), tl.trans(kT), dq)
     return dq
@@ -437,7 +450,7 @@ def _flash_bwd_dq_kernel(
     dq = dq * sm_scale
     tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
              + rows.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+             _to_dtype(dq, DQ.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------- block sizes
