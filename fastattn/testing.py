@@ -14,15 +14,17 @@ import torch
 
 def reference_attention(q, k, v, *, scale: Optional[float] = None, mask=None, causal: bool = False,
                         lower_right: bool = False, window=(-1, -1), softcap: float = 0.0,
-                        alibi_slopes=None, sinks=None, compute_dtype: Optional[torch.dtype] = torch.float64):
+                        alibi_slopes=None, sinks=None, dropout_keep=None, dropout_p: float = 0.0,
+                        compute_dtype: Optional[torch.dtype] = torch.float64):
     """Attention by its definition, in ``(B, H, L, E)`` layout.
 
     ``compute_dtype=None`` computes in the inputs' own dtype (the "same math in
     the input dtype" of the accuracy rule); otherwise everything is upcast.
     Positions follow flash-attn when ``lower_right`` (query i lines up with key
     i + S - L) and SDPA otherwise. ``window=(left, right)``, -1 = unbounded;
-    ``causal`` means right = 0. Returns ``(out, lse)``; rows with no visible
-    key give out = 0 and lse = +inf.
+    ``causal`` means right = 0. ``dropout_keep``: a bool (B, H, L, S) keep-mask
+    applied to the probabilities (scaled by 1 / (1 - dropout_p)) after the softmax.
+    Returns ``(out, lse)``; rows with no visible key give out = 0 and lse = +inf.
     """
     dtype = compute_dtype or q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -66,6 +68,8 @@ def reference_attention(q, k, v, *, scale: Optional[float] = None, mask=None, ca
     # -inf mask would carry into q and k: such rows take a finite stand-in (their p is 0 anyway).
     lse = torch.logsumexp(logits.masked_fill(none_visible.unsqueeze(-1), 0.0), dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
+    if dropout_keep is not None:
+        p = p * dropout_keep.to(p.dtype) / (1.0 - dropout_p)
     out = p.to(v.dtype) @ v
     return out, lse.masked_fill(none_visible, float("inf"))
 

@@ -10,9 +10,10 @@ blocks, so these lengths cross several blocks and every edge run executes.
 import pytest
 import torch
 
+from fastattn.kernels.triton.dropout import dropout_keep_mask
 from fastattn.kernels.triton.flash_bwd import flash_attn_backward
 from fastattn.kernels.triton.flash_fwd import flash_attn_forward
-from fastattn.testing import GRADIENT_FACTOR, assert_close_by_rule, reference_gradients
+from fastattn.testing import GRADIENT_FACTOR, assert_close_by_rule, reference_attention, reference_gradients
 
 from .conftest import DEVICE
 
@@ -299,3 +300,49 @@ def test_gpu_block_configs(monkeypatch):
             c = cfg[kernel]
             assert all(c[key] & (c[key] - 1) == 0 and c[key] >= 16 for key in ("BLOCK_M", "BLOCK_N"))
             assert c[rows] * width // (32 * c["num_warps"]) <= 128, (d, kernel, c)
+
+
+def test_dropout_keep_mask():
+    """The kernels' keep-mask: kept fraction within 1% of 1 - p on a large tensor, the same
+    seed and offset give the same mask, another seed or offset another; the draw is a
+    function of the element's position (an offset of S shifts the mask by one row)."""
+    big = dropout_keep_mask(2, 2, 256, 256, dropout_p=0.3, seed=1234, device=DEVICE)
+    assert big.shape == (2, 2, 256, 256) and big.dtype == torch.bool
+    assert abs(big.float().mean().item() - 0.7) <= 0.01 * 0.7
+    B, H, L, S = 2, 2, 40, 64
+    keep = dropout_keep_mask(B, H, L, S, dropout_p=0.3, seed=1234, device=DEVICE)
+    assert torch.equal(keep, dropout_keep_mask(B, H, L, S, dropout_p=0.3, seed=1234, device=DEVICE))
+    assert not torch.equal(keep, dropout_keep_mask(B, H, L, S, dropout_p=0.3, seed=1235, device=DEVICE))
+    next_call = dropout_keep_mask(B, H, L, S, dropout_p=0.3, seed=1234, offset=B * H * L * S, device=DEVICE)
+    assert not torch.equal(keep, next_call)
+    shifted = dropout_keep_mask(1, 1, 9, S, dropout_p=0.3, seed=1234, offset=S, device=DEVICE)
+    assert torch.equal(shifted[0, 0], keep[0, 0, 1:10])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("features", ["causal_gqa", "everything"])
+def test_dropout_gradients(dtype, features):
+    """With dropout the backward regenerates the forward's keep-mask: its gradients match a
+    reference that applies the same (materialized) mask, under other block sizes too.
+    The output it needs is the reference's dropped output (lse does not depend on dropout)."""
+    B, Hq, Hkv, L, S, E = 2, 4, 2, 45, 61, 48
+    q, k, v, do = make(B, Hq, Hkv, L, S, E, dtype=dtype)
+    p, seed, offset = 0.25, 17, 3 * B * Hq * L * S
+    keep = dropout_keep_mask(B, Hq, L, S, dropout_p=p, seed=seed, offset=offset, device=DEVICE)
+    features = dict(causal=True, lower_right=True) if features == "causal_gqa" else dict(
+        mask=torch.rand(B, 1, L, S, device=DEVICE) > 0.2, window=(30, 3), softcap=4.0,
+        alibi_slopes=torch.rand(B, Hq, device=DEVICE), sinks=torch.randn(Hq, device=DEVICE))
+    config = None if "softcap" in features else {"dkdv": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+                                                   "dq": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)}
+    scale = E ** -0.5
+    dropped = dict(dropout_keep=keep, dropout_p=p)
+    out, _ = reference_attention(q, k, v, scale=scale, **dropped, **features)
+    kw = kernel_kwargs(L, S, **features)
+    _, lse = flash_attn_forward(q, k, v, scale=scale, **kw)
+    grads = flash_attn_backward(do, q, k, v, out.to(dtype), lse, scale=scale, config=config,
+                                dropout_p=p, dropout_seed=seed, dropout_offset=offset, **kw)
+    ref = reference_gradients(q, k, v, do, scale=scale, **dropped, **features)
+    ref_lowp = reference_gradients(q, k, v, do, scale=scale, compute_dtype=None, **dropped, **features)
+    for name, got, r, r_lowp in zip(("dq", "dk", "dv", "dsinks"), grads, ref, ref_lowp):
+        if r is not None:
+            assert_close_by_rule(got, r, r_lowp, factor=GRADIENT_FACTOR, what=name)

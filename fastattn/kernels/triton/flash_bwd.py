@@ -27,6 +27,9 @@ dS = P * (dP - delta); dV = P^T dO; dQ = scale * dS' K; dK = scale * dS'^T Q,
 where dS' = dS, or dS * (1 - tanh^2) with softcap (S = softcap * tanh(scale * QK^T / softcap)).
 ALiBi and masks add to the scores and take no gradient. A sink is a logit with no
 value (dP = 0 there): d_sink_h = -sum_(b, i) exp(sink_h - lse_(b,h,i)) * delta_(b,h,i).
+Dropout (keep-mask Z regenerated from a seed and an offset, dropout.py): O = (P * Z')V
+with Z' = Z / (1 - p), so dV = (P * Z')^T dO, and dP is multiplied by Z' before dS;
+delta = rowsum(dO * O) is unchanged, the lse is the undropped softmax's.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..._env import interpreting
+from .dropout import _dropout_keep
 from .flash_fwd import MASK_ADD, MASK_BOOL, MASK_NONE, _smaller, _tanh, device_guard
 
 LOG2E = 1.4426950408889634
@@ -152,10 +156,11 @@ def _dkdv_block(
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_mm, stride_mn,
     seqlen_q, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, slope,
+    off_bhq, dropout_seed, dropout_offset, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CHECK_BOUNDS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One query block's share of a key block's dK and dV. The tile is transposed,
     (keys, queries), so that both products accumulate without a transpose of P."""
@@ -184,13 +189,22 @@ def _dkdv_block(
                           qk_scale, softcap_in, softcap_out, slope,
                           CHECK_BOUNDS, HAS_LEFT, HAS_RIGHT, MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI)
     pT = tl.exp2(sT - lse[None, :])  # rows with no visible key: lse = +inf, P = 0
+    if HAS_DROPOUT:
+        # O = (P * Z / (1 - p)) V with Z the forward's keep-mask: dV and dP see the dropped P.
+        keep = _dropout_keep(dropout_seed, dropout_offset, off_bhq, rows[None, :], offs_n[:, None],
+                             seqlen_q, seqlen_k, dropout_p)
+        pT_used = tl.where(keep, pT * (1.0 / (1.0 - dropout_p)), 0.0)
+    else:
+        pT_used = pT
     if UPCAST:
         # Round P and dS to the input dtype as the tensor-core path does, then multiply in fp32.
-        dv += tl.dot(_to_dtype(pT, do.dtype, UPCAST).to(tl.float32), do.to(tl.float32))
+        dv += tl.dot(_to_dtype(pT_used, do.dtype, UPCAST).to(tl.float32), do.to(tl.float32))
         dpT = tl.dot(v.to(tl.float32), tl.trans(do.to(tl.float32)))
     else:
-        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dv = tl.dot(pT_used.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))
+    if HAS_DROPOUT:
+        dpT = tl.where(keep, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
@@ -216,11 +230,12 @@ def _flash_bwd_dkdv_kernel(
     num_heads, kv_group, seqlen_q, seqlen_k,
     diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, sm_scale,
+    dropout_seed, dropout_offset, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
@@ -279,22 +294,25 @@ def _flash_bwd_dkdv_kernel(
                 dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, M_base, start_m, offs_m, offs_n, offs_d, offs_dv,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_mm, stride_mn,
                 seqlen_q, seqlen_k, diag_offset, window_left, window_right, qk_scale, softcap_in, softcap_out, slope,
+                off_b * num_heads + off_h, dropout_seed, dropout_offset, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-                MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
         for start_m in range(mid_lo, mid_hi, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, M_base, start_m, offs_m, offs_n, offs_d, offs_dv,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_mm, stride_mn,
                 seqlen_q, seqlen_k, diag_offset, window_left, window_right, qk_scale, softcap_in, softcap_out, slope,
+                off_b * num_heads + off_h, dropout_seed, dropout_offset, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT,
-                MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
         for start_m in range(mid_hi, hi, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, M_base, start_m, offs_m, offs_n, offs_d, offs_dv,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_mm, stride_mn,
                 seqlen_q, seqlen_k, diag_offset, window_left, window_right, qk_scale, softcap_in, softcap_out, slope,
+                off_b * num_heads + off_h, dropout_seed, dropout_offset, dropout_p,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-                MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+                MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
 
     dk = dk * sm_scale
     store_ok = col_ok[:, None]
@@ -316,10 +334,11 @@ def _dq_block(
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
     seqlen_q, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, slope,
+    off_bh, dropout_seed, dropout_offset, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CHECK_BOUNDS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One key block's share of a query block's dQ."""
     cols = start_n + offs_n
@@ -345,6 +364,10 @@ def _dq_block(
         dp = tl.dot(do.to(tl.float32), vT.to(tl.float32))
     else:
         dp = tl.dot(do, vT)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(dropout_seed, dropout_offset, off_bh, rows[:, None], cols[None, :],
+                             seqlen_q, seqlen_k, dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -369,11 +392,12 @@ def _flash_bwd_dq_kernel(
     num_heads, kv_group, seqlen_q, seqlen_k,
     diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, sm_scale,
+    dropout_seed, dropout_offset, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     if HAS_RIGHT:  # causal row blocks get longer with start_m: start the long ones first
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -430,22 +454,25 @@ def _flash_bwd_dq_kernel(
             dq, q, do, lse, delta, K_base, V_base, M_base, start_n, rows, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             seqlen_q, seqlen_k, diag_offset, window_left, window_right, qk_scale, softcap_in, softcap_out, slope,
+            off_bh, dropout_seed, dropout_offset, dropout_p,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         dq = _dq_block(
             dq, q, do, lse, delta, K_base, V_base, M_base, start_n, rows, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             seqlen_q, seqlen_k, diag_offset, window_left, window_right, qk_scale, softcap_in, softcap_out, slope,
+            off_bh, dropout_seed, dropout_offset, dropout_p,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
     for start_n in range(mid_hi, hi, BLOCK_N):
         dq = _dq_block(
             dq, q, do, lse, delta, K_base, V_base, M_base, start_n, rows, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             seqlen_q, seqlen_k, diag_offset, window_left, window_right, qk_scale, softcap_in, softcap_out, slope,
+            off_bh, dropout_seed, dropout_offset, dropout_p,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, UPCAST)
 
     dq = dq * sm_scale
     tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
@@ -519,7 +546,7 @@ def _launch(kernel, grid, cfg, may_step_down, *args, **constexprs):
 
 def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
                         softcap=0.0, alibi_slopes=None, sinks=None, config=None, dlse=None,
-                        dq=None, dk=None, dv=None):
+                        dropout_p=0.0, dropout_seed=0, dropout_offset=0, dq=None, dk=None, dv=None):
     """Gradients of :func:`flash_attn_forward`: ``(dq, dk, dv, dsinks)``.
 
     Arguments as the forward's: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev),
@@ -528,6 +555,8 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
     that see no key); mask, causal_bounds, diag_offset, softcap, alibi_slopes, sinks
     exactly as given to the forward. The mask and the slopes get no gradient.
     dlse: optional gradient of the lse output (B, Hq, L).
+    dropout_p, dropout_seed, dropout_offset: the forward's attention dropout, whose
+    keep-mask is regenerated here (see dropout.py); the lse is that of the undropped P.
     config: ``{"dkdv": ..., "dq": ...}`` block sizes (see block_config), used as given.
     dq, dk, dv: optional preallocated gradient buffers shaped like q, k, v (any strides).
     Returns dq, dk, dv in q/k/v's shapes and dtypes (dk, dv with Hkv heads: each GQA
@@ -574,13 +603,13 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
         HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         MASK_KIND=mask_kind, MASK_PER_ROW=mask_per_row, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        UPCAST=interpreting(),
+        HAS_DROPOUT=dropout_p > 0, UPCAST=interpreting(),
     )
     scalars = (Hq, group, L, S, diag_offset, left, right,
                scale * LOG2E,
                (scale / softcap) if softcap > 0 else 0.0,
                (softcap * LOG2E) if softcap > 0 else 0.0,
-               scale)
+               scale, dropout_seed, dropout_offset, dropout_p)
     with device_guard(q.device):
         if B * Hq * L > 0:
             _bwd_preprocess_kernel[(pre_blocks, B * Hq)](
