@@ -489,30 +489,33 @@ def block_config(head_dim: int, head_dim_v: int) -> dict:
     Under the interpreter the blocks are small so that short test sequences still
     cross several blocks and every edge run of both loops executes.
 
-    On the GPU (sm_80/sm_90; reasoned from register and shared-memory budgets, NOT
-    measured yet): each kernel keeps one operand pair and one fp32 accumulator pair
-    resident and streams the other. dK/dV holds K, V (BLOCK_N x D, 16-bit) and
-    dK, dV (BLOCK_N x D, fp32) and streams Q, dO; dQ holds Q, dO and dQ and streams
-    K, V. At D = 128 and BLOCK_N = 64, dK + dV are 64 KB of fp32, 128 registers a
-    thread over 4 warps, 64 over 8: with K, V and the (64 x 32) P/dS tiles, 8 warps
-    stay under the 255-register limit. The streamed tiles take num_stages x
-    BLOCK x (D + Dv) x 2 bytes of shared memory: 2 stages of 32 x 256 at D = 128 are
-    32 KB, well inside sm_80's 164 KB and sm_90's 227 KB, leaving room for the
-    transposed P/dS staging. At D = 256 the resident tiles halve in rows instead.
-    A config that does not fit steps down (fewer stages, then smaller blocks).
+    On the GPU: NOT measured yet (no GPU was lent while this was written). Each kernel
+    keeps one operand pair and one fp32 accumulator pair resident and streams the
+    other: dK/dV holds K, V and dK, dV (BLOCK_N rows) and streams Q, dO (BLOCK_M
+    rows); dQ holds Q, dO and dQ (BLOCK_M rows) and streams K, V (BLOCK_N rows). The
+    resident rows should be >= 64 so that Hopper's warpgroup MMA (M = 64 per
+    warpgroup) applies, the accumulators must fit registers (dK + dV at D = 128 and
+    64 rows are 64 KB of fp32: 64 registers a thread over 8 warps), and the streamed
+    tiles times num_stages must fit shared memory (sm_80: 164 KB, sm_90: 227 KB; a
+    config that does not fit, e.g. on sm_86/89's 99 KB, steps down). Choices were
+    checked by compiling for sm_90 without a GPU (tests/_compile_bwd_kernels.py,
+    ptxas of Triton 3.8): no register spills for causal or unmasked calls at head dims
+    64, 128 and 256; masks, softcap and dropout spill some in dK/dV (e.g. 24 bytes a
+    thread at D = 64 with a bool mask, softcap and ALiBi). At D = 256 the dK/dV tile
+    has 32 key rows (64 spilled 144 bytes), too few for wgmma: it runs on mma.sync.
     """
     d = max(head_dim, head_dim_v)
     if interpreting():
         tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
         return {"dkdv": dict(tiles), "dq": dict(tiles)}
     if d <= 64:
-        return {"dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
-                "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)}
+        return {"dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+                "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)}
     if d <= 128:
-        return {"dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-                "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)}
+        return {"dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
+                "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)}
     return {"dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2),
-            "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)}
+            "dq": dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)}
 
 
 # --------------------------------------------------------------------------- launcher
