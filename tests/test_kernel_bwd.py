@@ -124,8 +124,9 @@ def random_mask(dims, kind, dtype):
 @pytest.mark.parametrize("kind,shape", [("bool", "BHLS"), ("additive", "11LS"), ("bool", "B11S"),
                                         ("additive", "B11S"), ("additive", "1HL1")])
 def test_masks(dtype, kind, shape):
-    B, H, L, S = 2, 3, 29, 47
-    q, k, v, do = make(B, H, H, L, S, 64, dtype=dtype)
+    """Masks read with their broadcast dims; per-head ones must follow each query head of a GQA group."""
+    B, H, L, S = 2, 4, 29, 47
+    q, k, v, do = make(B, H, 2, L, S, 64, dtype=dtype)
     dims = {"B11S": (B, 1, 1, S), "11LS": (1, 1, L, S), "BHLS": (B, H, L, S), "1HL1": (1, H, L, 1)}[shape]
     check(q, k, v, do, mask=random_mask(dims, kind, dtype))
 
@@ -346,3 +347,34 @@ def test_dropout_gradients(dtype, features):
     for name, got, r, r_lowp in zip(("dq", "dk", "dv", "dsinks"), grads, ref, ref_lowp):
         if r is not None:
             assert_close_by_rule(got, r, r_lowp, factor=GRADIENT_FACTOR, what=name)
+
+
+@pytest.mark.parametrize("L,S", [(0, 20), (20, 0)])
+def test_empty_lengths(L, S):
+    """No queries: dK/dV are zeros. No keys: every row sees nothing, dQ is zeros (d_sinks too)."""
+    q, k, v, do = make(1, 2, 1, L, S, 32)
+    out = torch.zeros(1, 2, L, 32, device=DEVICE, dtype=q.dtype)
+    lse = torch.full((1, 2, L), float("inf"), device=DEVICE)
+    sinks = torch.randn(2, device=DEVICE)
+    if S == 0:
+        lse = sinks.view(1, 2, 1).expand(1, 2, L).contiguous()  # the sink is all a row sees
+    dq, dk, dv, dsinks = flash_attn_backward(do, q, k, v, out, lse, scale=0.2, sinks=sinks, causal_bounds=(-1, 0),
+                                             dq=poisoned_like(q), dk=poisoned_like(k), dv=poisoned_like(v))
+    for g, t in ((dq, q), (dk, k), (dv, v)):
+        assert g.shape == t.shape and (g == 0).all()
+    assert torch.equal(dsinks, torch.zeros(2, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_from_split_kv_and_packed_gqa_forward(dtype):
+    """The forward's split-KV and packed-GQA paths give the out and lse the backward reads."""
+    B, Hq, Hkv, L, S, E = 2, 8, 2, 5, 150, 64
+    q, k, v, do = make(B, Hq, Hkv, L, S, E, dtype=dtype, layout="blhd")
+    features = dict(causal=True, lower_right=True, sinks=torch.randn(Hq, device=DEVICE))
+    kw = kernel_kwargs(L, S, **features)
+    out, lse = flash_attn_forward(q, k, v, scale=0.125, num_splits=3, pack_gqa=True, **kw)
+    grads = flash_attn_backward(do, q, k, v, out, lse, scale=0.125, **kw)
+    ref = reference_gradients(q, k, v, do, scale=0.125, **features)
+    ref_lowp = reference_gradients(q, k, v, do, scale=0.125, compute_dtype=None, **features)
+    for name, got, r, r_lowp in zip(("dq", "dk", "dv", "dsinks"), grads, ref, ref_lowp):
+        assert_close_by_rule(got, r, r_lowp, factor=GRADIENT_FACTOR, what=name)
