@@ -378,3 +378,23 @@ def test_from_split_kv_and_packed_gqa_forward(dtype):
     ref_lowp = reference_gradients(q, k, v, do, scale=0.125, compute_dtype=None, **features)
     for name, got, r, r_lowp in zip(("dq", "dk", "dv", "dsinks"), grads, ref, ref_lowp):
         assert_close_by_rule(got, r, r_lowp, factor=GRADIENT_FACTOR, what=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_additive_mask_at_float32_min(dtype):
+    """Eager-style padding masks use finfo(float32).min. With left padding and causal, the
+    padded query rows see only keys so masked: the forward gives them the mean of V as torch
+    does, and in a model their dO is zero (nothing downstream reads them). Gradients must be
+    right elsewhere and finite everywhere, also when such a row's dO is not zero. (The lse
+    cannot carry such a row's softmax: near -3.4e38 in log2 units, exp2(s - lse) recomputes
+    P as 0 there, not torch's 1/n; with dO = 0 on those rows the gradients agree.)"""
+    B, H, L, pad = 2, 2, 37, 17
+    q, k, v, do = make(B, H, H, L, L, 32, dtype=dtype)
+    mask = torch.zeros(B, 1, 1, L, device=DEVICE)
+    mask[1, :, :, :pad] = torch.finfo(torch.float32).min
+    do[1, :, :pad] = 0
+    check(q, k, v, do, mask=mask, causal=True)
+    do[1, :, :pad] = torch.randn_like(do[1, :, :pad])
+    grads, _ = run(q, k, v, do, mask=mask, causal=True)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert torch.isfinite(g).all(), f"{name}: not finite"
