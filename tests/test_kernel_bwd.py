@@ -386,8 +386,9 @@ def test_additive_mask_at_float32_min(dtype):
     padded query rows see only keys so masked: the forward gives them the mean of V as torch
     does, and in a model their dO is zero (nothing downstream reads them). Gradients must be
     right elsewhere and finite everywhere, also when such a row's dO is not zero. (The lse
-    cannot carry such a row's softmax: near -3.4e38 in log2 units, exp2(s - lse) recomputes
-    P as 0 there, not torch's 1/n; with dO = 0 on those rows the gradients agree.)"""
+    cannot carry such a row's softmax exactly: near -3.4e38 in log2 units, exp2(s - lse)
+    recomputes P with errors far above the dtype's there, and dQ of those rows is off;
+    with dO = 0 on them, as in a model, the gradients agree.)"""
     B, H, L, pad = 2, 2, 37, 17
     q, k, v, do = make(B, H, H, L, L, 32, dtype=dtype)
     mask = torch.zeros(B, 1, 1, L, device=DEVICE)
