@@ -195,7 +195,7 @@ def test_everything_at_once(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("layout", ["blhd", "sliced", "expanded_batch", "last_dim_strided"])
+@pytest.mark.parametrize("layout", ["blhd", "sliced", "expanded_batch", "last_dim_strided", "do_of_a_sum"])
 def test_strides(dtype, layout):
     B, H, L, S, E = 2, 2, 31, 43, 64
     if layout == "blhd":  # (B, L, H, E) buffers seen as (B, H, L, E), dO too, as Transformers and flash-attn pass them
@@ -207,9 +207,12 @@ def test_strides(dtype, layout):
     elif layout == "expanded_batch":  # one K/V shared by every batch row (stride 0): gradients per batch row
         q, k, v, do = make(B, H, H, L, S, E, dtype=dtype)
         k, v = k[:1].expand(B, -1, -1, -1), v[:1].expand(B, -1, -1, -1)
-    else:  # the last dim is not contiguous
+    elif layout == "last_dim_strided":
         q, k, v, do = (t.transpose(-1, -2).contiguous().transpose(-1, -2)
                        for t in make(B, H, H, L, S, E, dtype=dtype))
+    else:  # out.sum().backward() hands the backward an expanded scalar: every stride 0
+        q, k, v, _ = make(B, H, H, L, S, E, dtype=dtype)
+        do = torch.ones((), device=DEVICE, dtype=dtype).expand(B, H, L, E)
     check(q, k, v, do, causal=True)
 
 
