@@ -57,22 +57,49 @@ def reference_attention(q, k, v, *, scale: Optional[float] = None, mask=None, ca
         else:
             s = s + mask.to(s.dtype)
     s = s.masked_fill(~visible, float("-inf"))
+    logits = s
     if sinks is not None:  # one extra logit per head, with no value
-        sink_col = sinks.to(s.dtype).view(1, H, 1, 1).expand(B, H, L, 1)
-        lse = torch.logsumexp(torch.cat([s, sink_col], dim=-1), dim=-1)
-    else:
-        lse = torch.logsumexp(s, dim=-1)
-    none_visible = torch.isneginf(lse)
-    p = torch.exp(s - lse.masked_fill(none_visible, 0.0).unsqueeze(-1))
+        logits = torch.cat([s, sinks.to(s.dtype).view(1, H, 1, 1).expand(B, H, L, 1)], dim=-1)
+    # Rows with no visible logit: out = 0 and lse = +inf, by definition. Their scores are
+    # replaced before logsumexp (whose gradient over an all -inf row is NaN), so the
+    # reference's gradients are 0 there too.
+    none_visible = torch.isneginf(logits.amax(dim=-1, keepdim=True))
+    lse = torch.logsumexp(logits.masked_fill(none_visible, 0.0), dim=-1, keepdim=True)
+    p = torch.exp(s.masked_fill(none_visible, 0.0) - lse).masked_fill(none_visible, 0.0)
     out = p.to(v.dtype) @ v
-    return out, lse.masked_fill(none_visible, float("inf"))
+    return out, lse.squeeze(-1).masked_fill(none_visible.squeeze(-1), float("inf"))
+
+
+# ---------------------------------------------------------------------------- tolerances, in one place
+
+OUTPUT_FACTOR = 2.0  # flash-attn's rule for outputs: <= 2 x the error of the same math in the input dtype
+GRAD_FACTOR = 3.0  # and for gradients: <= 3 x
+LSE_TOL = dict(atol=2e-2, rtol=1e-3)  # the log-sum-exp against the fp64 one (natural log, fp32 values)
+
+# Whole models (Transformers) against Transformers' own attention: (atol, rtol x max |reference|),
+# as Transformers' own equivalence tests. Used by fastattn.check and the model tests.
+MODEL_TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (1e-2, 1e-2)}
+
+# Training losses of a whole model over a few optimizer steps, fastattn against Transformers'
+# own attention on the same data and seed (relative to the loss): the fp32 fallback is the
+# same math (only summation order differs); half precision runs the kernel, whose rounding
+# differs from eager's by about the dtype's epsilon per step.
+LOSS_RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def assert_lse_close(lse: torch.Tensor, ref_lse: torch.Tensor) -> None:
+    """Finite where the reference is, +inf on rows with no visible key, close elsewhere."""
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse: rows with no visible key must be +inf, others finite"
+    assert (lse[~finite] == float("inf")).all(), "lse: rows with no visible key must be +inf"
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite].double(), **LSE_TOL)
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_close_by_rule(out: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor, *, factor: float = 2.0,
+def assert_close_by_rule(out: torch.Tensor, ref: torch.Tensor, ref_lowp: torch.Tensor, *, factor: float = OUTPUT_FACTOR,
                          what: str = "output") -> None:
     """flash-attn's accuracy rule: the kernel's max error against the high-precision
     reference is at most ``factor`` times the error of the same math done in the

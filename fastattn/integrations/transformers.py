@@ -36,6 +36,7 @@ from .. import dispatch
 from ..backends.sdpa import math_attention
 from ..functional import attention
 from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, mask_dtypes, with_extras
+from ..testing import MODEL_TOLERANCES
 
 __all__ = [
     "NAME",
@@ -422,7 +423,7 @@ def unpatch(model=None):
 # --------------------------------------------------------------------------- check
 
 
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (1e-2, 1e-2)}  # (atol, rtol)
+TOLERANCES = MODEL_TOLERANCES  # (atol, rtol x max |reference|), kept in fastattn.testing
 
 
 @dataclass

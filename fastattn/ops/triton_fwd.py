@@ -1,11 +1,19 @@
-"""``torch.ops.fastattn.triton_fwd``: the Triton kernel as a custom op.
+"""``torch.ops.fastattn.triton_fwd`` and ``triton_bwd``: the Triton kernels as custom ops,
+with autograd.
 
-Under ``torch.compile`` (Transformers compiles the forward for StaticCache
-generation, for one) the launcher must not be traced: Inductor cannot lower its
-bool-mask reinterpretation, and a kernel launch is no graph op anyway. The op
-is opaque to the compiler, and its fake implementation gives the output shapes
-and layouts. In eager mode the backend calls the launcher directly and skips the
-op's dispatch overhead.
+The one path the triton backend takes, in eager and compiled runs alike:
+
+- ``triton_fwd`` runs the forward kernel and returns ``out`` and the log-sum-exp
+  (always: the backward recomputes the probabilities from it);
+- its autograd formula (``register_autograd``) saves q, k, v, out and the lse (never
+  the probabilities) and calls ``triton_bwd``, the backward kernel;
+- both have fake implementations, so ``torch.compile`` (Transformers compiles the
+  forward for StaticCache generation) sees their shapes without tracing the launchers
+  (Inductor cannot lower the bool-mask reinterpretation, and a kernel launch is no
+  graph op anyway), and AOT autograd traces the backward as one more op.
+
+The scalars are plain arguments; gradients are handed back by argument name
+(:func:`_backward`), so the formula does not count positions.
 """
 from __future__ import annotations
 
@@ -30,3 +38,53 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
 @triton_fwd.register_fake
 def _triton_fwd_fake(q, k, v, mask, alibi_slopes, sinks, scale, window_left, window_right, diag_offset, softcap):
     return empty_outputs(q, v.shape[-1])
+
+
+@torch.library.custom_op("fastattn::triton_bwd", mutates_args=())
+def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+               sinks: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
+               diag_offset: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks); dk/dv with the K/V heads, dsinks (Hq,) float32, or empty (0,) without sinks
+    (a custom op cannot return None)."""
+    from ..kernels.triton.flash_bwd import flash_attn_backward
+
+    dq, dk, dv, dsinks = flash_attn_backward(
+        dout, q, k, v, out, lse, scale=scale, mask=mask, causal_bounds=(window_left, window_right),
+        diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    return dq, dk, dv, (dsinks if dsinks is not None else q.new_empty((0,), dtype=torch.float32))
+
+
+@triton_bwd.register_fake
+def _triton_bwd_fake(dout, q, k, v, out, lse, mask, alibi_slopes, sinks, scale, window_left, window_right,
+                     diag_offset, softcap):
+    dsinks = q.new_empty((q.shape[1],) if sinks is not None else (0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
+
+
+# --------------------------------------------------------------------------- autograd
+
+_FWD_ARGS = tuple(a.name for a in torch.ops.fastattn.triton_fwd.default._schema.arguments)
+_SCALARS = ("scale", "window_left", "window_right", "diag_offset", "softcap")
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_ARGS, inputs))
+    out, lse = output
+    ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["mask"], args["alibi_slopes"],
+                          args["sinks"])
+    ctx.scalars = {name: args[name] for name in _SCALARS}
+    ctx.mark_non_differentiable(lse)  # as flash-attn's: the lse carries no gradient
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, alibi_slopes, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = triton_bwd(dout, q, k, v, out, lse, mask, alibi_slopes, sinks, **ctx.scalars)
+    grads = {"q": dq, "k": dk, "v": dv}
+    if sinks is not None and ctx.needs_input_grad[_FWD_ARGS.index("sinks")]:
+        grads["sinks"] = dsinks.to(sinks.dtype)
+    # Dispatch refuses masks and ALiBi slopes that require grad (the kernel gives them none).
+    return tuple(grads.get(name) for name in _FWD_ARGS)
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)
