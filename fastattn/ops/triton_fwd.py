@@ -45,14 +45,22 @@ def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                lse: torch.Tensor, mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
                sinks: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
                diag_offset: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dsinks); dk/dv with the K/V heads, dsinks (Hq,) float32, or empty (0,) without sinks
-    (a custom op cannot return None)."""
+    """(dq, dk, dv, dsinks), each gradient laid out like its input (``torch.empty_like``'s
+    layout: what the fake says); dk/dv with the K/V heads; dsinks (Hq,) float32, or empty (0,)
+    without sinks (a custom op cannot return None)."""
     from ..kernels.triton.flash_bwd import flash_attn_backward
 
     dq, dk, dv, dsinks = flash_attn_backward(
         dout, q, k, v, out, lse, scale=scale, mask=mask, causal_bounds=(window_left, window_right),
         diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
-    return dq, dk, dv, (dsinks if dsinks is not None else q.new_empty((0,), dtype=torch.float32))
+    dsinks = dsinks if dsinks is not None else q.new_empty((0,), dtype=torch.float32)
+    return _laid_out_like(dq, q), _laid_out_like(dk, k), _laid_out_like(dv, v), dsinks
+
+
+def _laid_out_like(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``grad`` itself when the kernel wrote it in ``empty_like(t)``'s layout, else a copy in it."""
+    like = torch.empty_like(t)
+    return grad if grad.stride() == like.stride() else like.copy_(grad)
 
 
 @triton_bwd.register_fake
