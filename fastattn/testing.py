@@ -81,10 +81,11 @@ LSE_TOL = dict(atol=2e-2, rtol=1e-3)  # the log-sum-exp against the fp64 one (na
 MODEL_TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (1e-2, 1e-2)}
 
 # Training losses of a whole model over a few optimizer steps, fastattn against Transformers'
-# own attention on the same data and seed (relative to the loss): the fp32 fallback is the
-# same math (only summation order differs); half precision runs the kernel, whose rounding
-# differs from eager's by about the dtype's epsilon per step.
-LOSS_RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+# own attention on the same weights, data and seed, relative to the loss. fp32 runs the same
+# math (measured <= 1.3e-7 over 5 SGD steps of tiny Llama/Gemma-2/Mistral/GPT-OSS/BERT);
+# half precision runs the kernel forward and backward, whose rounding differs from eager
+# attention's (measured up to 1.1e-4 fp16, 5.2e-3 bf16: Gemma-2's softcap).
+LOSS_RTOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def assert_lse_close(lse: torch.Tensor, ref_lse: torch.Tensor) -> None:

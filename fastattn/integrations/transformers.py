@@ -76,6 +76,7 @@ class CallRecord:
     dtype: torch.dtype
     shape: tuple[int, ...]  # (B, Hq, L, S)
     why_not_triton: tuple[str, ...]  # the triton backend's reasons when it did not run
+    backward: Optional[str] = None  # the backend whose backward differentiates the call (None: no grad needed)
 
 
 _records: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastattn_hf_records", default=None)
@@ -107,8 +108,10 @@ def _record(module, call: AttentionCall, with_weights: bool = False) -> None:
         decision = dispatch.explain_call(call)
         backend = decision.chosen or "none"
         triton_reasons = () if backend == "triton" else dict(decision.verdicts).get("triton", ("not registered",))
+    backward = backend if call.features.needs_grad else None  # one backend runs both directions
     records.append(CallRecord(name, backend, call.q.dtype,
-                              (call.q.shape[0], call.q.shape[1], call.seqlen_q, call.seqlen_k), tuple(triton_reasons)))
+                              (call.q.shape[0], call.q.shape[1], call.seqlen_q, call.seqlen_k), tuple(triton_reasons),
+                              backward))
 
 
 # --------------------------------------------------------------------------- dtypes
