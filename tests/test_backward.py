@@ -271,9 +271,32 @@ def test_no_grad_calls_keep_no_graph():
     assert out.grad_fn is None and not out.requires_grad
 
 
-def test_the_lse_carries_no_gradient():
-    """As flash-attn's softmax_lse: returned for inspection, not differentiated."""
-    q = torch.randn(1, 8, 2, 32, device=DEVICE, dtype=torch.float16, requires_grad=True)
-    with fastattn.use_backend("triton"):
-        out, lse, _ = fastattn.flash_attn_func(q, q, q, return_attn_probs=True)
-    assert out.requires_grad and not lse.requires_grad
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@pytest.mark.parametrize("uses", ["lse", "out_and_lse"])
+def test_the_lse_has_its_gradient(backend, uses):
+    """flash_attn_func(return_attn_probs=True)'s lse is differentiable on every backend (a
+    loss on it, e.g. a z-loss, trains q and k), alone or beside the output."""
+    B, L, S, H, E = 2, 21, 34, 2, 32
+    q, k, v = (torch.randn(B, n, H, E, device=DEVICE, dtype=torch.float16) for n in (L, S, S))
+    dlse = torch.randn(B, H, L, device=DEVICE)
+    got = leaves(q, k, v)
+    with fastattn.use_backend(backend):
+        out, lse, _ = fastattn.flash_attn_func(*got, causal=True, return_attn_probs=True)
+    dout = dout_like(out) if uses == "out_and_lse" else None
+    torch.autograd.backward([lse] + ([out] if dout is not None else []), [dlse] + ([dout] if dout is not None else []))
+
+    def grads(compute_dtype):
+        ref = leaves(q, k, v, dtype=compute_dtype or q.dtype)
+        o, lse_ref = reference_attention(*map(bhld, ref), causal=True, lower_right=True, compute_dtype=compute_dtype)
+        outputs, output_grads = [lse_ref], [dlse.to(lse_ref.dtype)]
+        if dout is not None:
+            outputs.append(bhld(o))
+            output_grads.append(dout.to(o.dtype))
+        torch.autograd.backward(outputs, output_grads)
+        return [t.grad for t in ref]
+
+    for name, g, ref, lowp in zip("qkv", got, grads(torch.float64), grads(None)):
+        if uses == "lse" and name == "v":
+            assert g.grad is None or torch.count_nonzero(g.grad) == 0
+            continue
+        assert_close_by_rule(g.grad, ref, lowp, factor=GRAD_FACTOR, what=f"d{name}")

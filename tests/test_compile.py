@@ -33,8 +33,9 @@ def test_opcheck_backward():
     sinks = torch.randn(4, device=DEVICE)
     out, lse = triton_fwd(q, k, v, mask, None, sinks, 0.2, 5, 0, 4, 0.0)
     dout = torch.randn_like(out)
-    torch.library.opcheck(triton_bwd, (dout, q, k, v, out, lse, mask, None, sinks, 0.2, 5, 0, 4, 0.0))
-    torch.library.opcheck(triton_bwd, (dout, q, k, v, out, lse, None, None, None, 0.2, -1, -1, 4, 0.0))
+    dlse = torch.randn_like(lse)
+    torch.library.opcheck(triton_bwd, (dout, dlse, q, k, v, out, lse, mask, None, sinks, 0.2, 5, 0, 4, 0.0))
+    torch.library.opcheck(triton_bwd, (dout, None, q, k, v, out, lse, None, None, None, 0.2, -1, -1, 4, 0.0))
 
 
 def test_fake_outputs_match_the_kernel():

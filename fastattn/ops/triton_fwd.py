@@ -6,7 +6,8 @@ The one path the triton backend takes, in eager and compiled runs alike:
 - ``triton_fwd`` runs the forward kernel and returns ``out`` and the log-sum-exp
   (always: the backward recomputes the probabilities from it);
 - its autograd formula (``register_autograd``) saves q, k, v, out and the lse (never
-  the probabilities) and calls ``triton_bwd``, the backward kernel;
+  the probabilities) and calls ``triton_bwd``, the backward kernel (with the lse's own
+  gradient when the caller used the lse, as flash_attn_func's ``return_attn_probs`` returns it);
 - both have fake implementations, so ``torch.compile`` (Transformers compiles the
   forward for StaticCache generation) sees their shapes without tracing the launchers
   (Inductor cannot lower the bool-mask reinterpretation, and a kernel launch is no
@@ -41,18 +42,21 @@ def _triton_fwd_fake(q, k, v, mask, alibi_slopes, sinks, scale, window_left, win
 
 
 @torch.library.custom_op("fastattn::triton_bwd", mutates_args=())
-def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
-               sinks: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
-               diag_offset: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def triton_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor],
+               alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], scale: float,
+               window_left: int, window_right: int, diag_offset: int,
+               softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks), each gradient laid out like its input (``torch.empty_like``'s
     layout: what the fake says); dk/dv with the K/V heads; dsinks (Hq,) float32, or empty (0,)
-    without sinks (a custom op cannot return None)."""
+    without sinks (a custom op cannot return None). ``dlse``: the lse's gradient, None when the
+    lse was not used."""
     from ..kernels.triton.flash_bwd import flash_attn_backward
 
+    extra = {} if dlse is None else {"dlse": dlse}
     dq, dk, dv, dsinks = flash_attn_backward(
         dout, q, k, v, out, lse, scale=scale, mask=mask, causal_bounds=(window_left, window_right),
-        diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+        diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, **extra)
     dsinks = dsinks if dsinks is not None else q.new_empty((0,), dtype=torch.float32)
     return _laid_out_like(dq, q), _laid_out_like(dk, k), _laid_out_like(dv, v), dsinks
 
@@ -64,7 +68,7 @@ def _laid_out_like(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @triton_bwd.register_fake
-def _triton_bwd_fake(dout, q, k, v, out, lse, mask, alibi_slopes, sinks, scale, window_left, window_right,
+def _triton_bwd_fake(dout, dlse, q, k, v, out, lse, mask, alibi_slopes, sinks, scale, window_left, window_right,
                      diag_offset, softcap):
     dsinks = q.new_empty((q.shape[1],) if sinks is not None else (0,), dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
@@ -82,12 +86,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["mask"], args["alibi_slopes"],
                           args["sinks"])
     ctx.scalars = {name: args[name] for name in _SCALARS}
-    ctx.mark_non_differentiable(lse)  # as flash-attn's: the lse carries no gradient
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, alibi_slopes, sinks = ctx.saved_tensors
-    dq, dk, dv, dsinks = triton_bwd(dout, q, k, v, out, lse, mask, alibi_slopes, sinks, **ctx.scalars)
+    if dout is None:  # only the lse was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dsinks = triton_bwd(dout, dlse, q, k, v, out, lse, mask, alibi_slopes, sinks, **ctx.scalars)
     grads = {"q": dq, "k": dk, "v": dv}
     if sinks is not None and ctx.needs_input_grad[_FWD_ARGS.index("sinks")]:
         grads["sinks"] = dsinks.to(sinks.dtype)
