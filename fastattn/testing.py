@@ -73,7 +73,7 @@ def reference_attention(q, k, v, *, scale: Optional[float] = None, mask=None, ca
 # ---------------------------------------------------------------------------- tolerances, in one place
 
 OUTPUT_FACTOR = 2.0  # flash-attn's rule for outputs: <= 2 x the error of the same math in the input dtype
-GRAD_FACTOR = 3.0  # and for gradients: <= 3 x
+GRADIENT_FACTOR = 3.0  # and for gradients: <= 3 x
 LSE_TOL = dict(atol=2e-2, rtol=1e-3)  # the log-sum-exp against the fp64 one (natural log, fp32 values)
 
 # Whole models (Transformers) against Transformers' own attention: (atol, rtol x max |reference|),

@@ -14,7 +14,7 @@ import torch
 import fastattn
 from fastattn.functional import attention
 from fastattn.inputs import from_sdpa_args, with_extras
-from fastattn.testing import GRAD_FACTOR, assert_close_by_rule, reference_attention
+from fastattn.testing import GRADIENT_FACTOR, assert_close_by_rule, reference_attention
 
 from .conftest import DEVICE
 
@@ -68,7 +68,7 @@ def check_grads(run, reference, tensors, *, backend="triton", names=("q", "k", "
         assert got.grad is not None, f"d{name}: no gradient"
         assert got.grad.dtype == got.dtype and got.grad.shape == got.shape, f"d{name}: {got.grad.dtype} {got.grad.shape}"
         assert torch.isfinite(got.grad).all(), f"d{name}: not finite"
-        assert_close_by_rule(got.grad, ref.grad, lowp, factor=GRAD_FACTOR, what=f"d{name}")
+        assert_close_by_rule(got.grad, ref.grad, lowp, factor=GRADIENT_FACTOR, what=f"d{name}")
     return out
 
 
@@ -299,4 +299,4 @@ def test_the_lse_has_its_gradient(backend, uses):
         if uses == "lse" and name == "v":
             assert g.grad is None or torch.count_nonzero(g.grad) == 0
             continue
-        assert_close_by_rule(g.grad, ref, lowp, factor=GRAD_FACTOR, what=f"d{name}")
+        assert_close_by_rule(g.grad, ref, lowp, factor=GRADIENT_FACTOR, what=f"d{name}")
