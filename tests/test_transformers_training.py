@@ -99,3 +99,81 @@ def test_training_matches_transformers_attention(arch, dtype):
     rtol = LOSS_RTOL[torch.float32 if dropout else dtype]  # with dropout both run torch's SDPA
     for step, (a, b) in enumerate(zip(got, want)):
         assert abs(a - b) <= rtol * abs(b), f"step {step}: loss {a:.6f} vs {reference}'s {b:.6f} (losses {got} vs {want})"
+
+
+# --------------------------------------------------------------------------- QLoRA: a 4-bit model with adapters
+
+
+class LoRA(torch.nn.Module):
+    """A low-rank adapter around a frozen (4-bit) projection, as peft's LoRA layers are
+    (peft itself is not needed for what fastattn sees: fp32 activations and trainable
+    float32 weights beside a quantized model). ``up`` starts non-zero, so the adapters
+    get gradients through attention from the first step."""
+
+    def __init__(self, base, rank=4):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features, device=DEVICE) * 0.1)
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank, device=DEVICE) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + (x.float() @ self.down.T @ self.up.T).to(x.dtype)
+
+
+def _qlora_model(path, attn):
+    from .test_transformers_models import _quant_config
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=attn, quantization_config=_quant_config("nf4-bfloat16"), dtype=torch.bfloat16,
+        device_map=DEVICE)
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype in (torch.float16, torch.bfloat16):  # as peft's prepare_model_for_kbit_training
+            p.data = p.data.float()
+    torch.manual_seed(7)
+    adapters = []
+    for layer in model.model.layers:
+        for name in ("q_proj", "v_proj"):
+            lora = LoRA(getattr(layer.self_attn, name))
+            setattr(layer.self_attn, name, lora)
+            adapters += [lora.down, lora.up]
+    return model.train(), adapters
+
+
+def test_qlora_adapters_train_alike(tmp_path):
+    """bitsandbytes 4-bit Llama, norms upcast to fp32, LoRA adapters on q/v: fp32 activations
+    reach fastattn, which runs the kernel in the model's bf16 compute dtype, forward and
+    backward. Losses over 3 steps and the adapters' first gradients match Transformers' sdpa
+    (fp32 attention) within bf16's tolerance (measured: losses 6e-5 apart relative, the
+    adapters' gradients 0.8% of their largest; allowed 3%)."""
+    from .test_transformers_models import _bnb
+
+    _bnb()
+    config = make_config("llama")
+    config.hidden_size, config.intermediate_size = 64, 128  # bitsandbytes' CPU blocks: 64 inputs
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    ids, mask = padded_batch()
+    batch = (ids, mask, None)
+    results = {}
+    for attn in ("sdpa", hf.NAME):
+        model, adapters = _qlora_model(tmp_path, attn)
+        opt = torch.optim.SGD(adapters, lr=LR)
+        losses, first_grads = [], None
+        with hf.record_backends() as records:
+            for step in range(3):
+                loss = loss_of("llama", model, *batch)
+                loss.backward()
+                if first_grads is None:
+                    first_grads = [a.grad.clone() for a in adapters]
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+        results[attn] = (losses, first_grads, records)
+    (want, want_grads, _), (got, got_grads, records) = results["sdpa"], results[hf.NAME]
+    assert records and {(r.backend, r.backward, r.dtype) for r in records} == {("triton", "triton", torch.bfloat16)}
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert abs(a - b) <= LOSS_RTOL[torch.bfloat16] * abs(b), f"step {step}: loss {a} vs sdpa's {b}"
+    for i, (g, ref) in enumerate(zip(got_grads, want_grads)):
+        assert torch.isfinite(g).all()
+        err = (g - ref).abs().max().item()
+        assert err <= 3e-2 * ref.abs().max().item(), f"adapter {i}: gradient differs by {err:.3e} (max {ref.abs().max():.3e})"
