@@ -20,7 +20,9 @@ from .base import ALL_FEATURES, Backend, Support, head_dim_reason
 
 MIN_CAPABILITY = _extension.MIN_ARCH  # what the extension is compiled for
 
-# One sentence per reason; the C++ op's messages contain the same text.
+# One sentence per reason; the C++ op's messages contain the same text. The dtype and head-dim
+# sentences are worded by backends/base.py for every backend (tests/test_cuda_backend.py checks
+# the whole sentences, tests/test_cuda_build.py the C++ side).
 MSG_DEVICE = "the cuda backend needs tensors on a CUDA device"
 MSG_DTYPE = "is not supported (supported: float16, bfloat16)"
 MSG_LAST_DIM = "the last dim of q, k and v must be contiguous (stride 1)"
