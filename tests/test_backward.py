@@ -320,3 +320,28 @@ def test_gradients_are_bitwise_reproducible(dtype):
 
     for a, b in zip(grads(), grads()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["fused_qkv", "expanded_batch"])
+def test_gradients_of_strided_inputs(layout):
+    """Heads sliced out of a fused qkv projection, and one K/V shared by the batch (stride 0):
+    each gradient comes back in its input's shape, and autograd sums the broadcast."""
+    B, H, L, E = 2, 2, 31, 64
+    if layout == "fused_qkv":
+        qkv = torch.randn(B, L, 3, H, E, device=DEVICE, dtype=torch.float16)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        q = torch.randn(B, H, L, E, device=DEVICE, dtype=torch.float16)
+        k, v = (torch.randn(1, H, 43, E, device=DEVICE, dtype=torch.float16) for _ in range(2))
+
+    def run(q, k, v):
+        if layout == "expanded_batch":
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        return fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def reference(q, k, v, compute_dtype):
+        if layout == "expanded_batch":
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        return reference_attention(q, k, v, causal=True, compute_dtype=compute_dtype)
+
+    check_grads(run, reference, (q, k, v))

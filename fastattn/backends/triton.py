@@ -70,6 +70,5 @@ class TritonBackend(Backend):
         from ..ops.triton_fwd import triton_fwd
 
         left, right = call.key_bounds
-        return torch.ops.fastattn.triton_fwd.default(call.q, call.k, call.v, call.mask, call.alibi_slopes,
-                                                     call.sinks, call.scale, left, right, call.diag_offset,
-                                                     call.softcap)
+        return triton_fwd(call.q, call.k, call.v, call.mask, call.alibi_slopes, call.sinks, call.scale, left, right,
+                          call.diag_offset, call.softcap)

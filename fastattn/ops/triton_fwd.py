@@ -63,7 +63,9 @@ def triton_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor
 
 def _laid_out_like(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``grad`` itself when the kernel wrote it in ``empty_like(t)``'s layout, else a copy in it."""
-    like = torch.empty_like(t)
+    if grad.stride() == t.stride():  # the common case: the kernel allocated it with empty_like
+        return grad
+    like = torch.empty_like(t)  # t is not dense (a stride-0 broadcast): a contiguous layout
     return grad if grad.stride() == like.stride() else like.copy_(grad)
 
 
