@@ -13,7 +13,7 @@ import torch
 
 from . import _device
 from ._env import constant_while_tracing, interpreting
-from .backends.base import Backend
+from .backends.base import BACKWARD, Backend
 from .backends.sdpa import SDPABackend
 from .backends.triton import TritonBackend
 from .inputs import HALF_DTYPES, AttentionCall, Features
@@ -151,7 +151,11 @@ def torch_restriction() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Explanation:
-    """Every backend's verdict on one call, and the one chosen (None if none can run)."""
+    """Every backend's verdict on one call, and the one chosen (None if none can run).
+
+    When the call's inputs require grad, a backend's reasons include its backward's
+    (each beginning "backward: "): forward and backward run on one backend, so the
+    chosen one is the first that can run both."""
 
     verdicts: tuple[tuple[str, tuple[str, ...]], ...]
     chosen: Optional[str]
@@ -162,6 +166,14 @@ class Explanation:
 
     def reasons(self, name: str) -> tuple[str, ...]:
         return dict(self.verdicts)[name]
+
+    def backward_reasons(self, name: str) -> tuple[str, ...]:
+        """Why ``name``'s backward cannot run the call (empty when it can, or when no grad is needed)."""
+        return tuple(r[len(BACKWARD):] for r in self.reasons(name) if r.startswith(BACKWARD))
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.features is not None and self.features.needs_grad
 
     def __str__(self) -> str:
         lines = []
@@ -184,12 +196,20 @@ class Explanation:
             lines.append(f"forced backend: {self.forced}")
         if self.strict:
             lines.append("strict: FASTATTN_STRICT=1 (no fallback to sdpa)")
+        if self.needs_grad:
+            lines.append("backward: inputs require grad; forward and backward run on one backend that has both")
         for name, reasons in self.verdicts:
             mark = "->" if name == self.chosen else "  "
-            verdict = "can run" if not reasons else "cannot run"
+            if not reasons:
+                verdict = "can run (forward and backward)" if self.needs_grad else "can run"
+            elif self.needs_grad and len(self.backward_reasons(name)) == len(reasons):
+                verdict = "forward can run, backward cannot"
+            else:
+                verdict = "cannot run"
             lines.append(f"{mark} {name}: {verdict}")
             lines.extend(f"     - {r}" for r in reasons)
-        lines.append(f"chosen: {self.chosen}" if self.chosen else "chosen: none (UnsupportedError)")
+        chosen = self.chosen and (f"{self.chosen} (forward and backward)" if self.needs_grad else self.chosen)
+        lines.append(f"chosen: {chosen}" if chosen else "chosen: none (UnsupportedError)")
         return "\n".join(lines)
 
 

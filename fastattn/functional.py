@@ -44,8 +44,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Returns ``out`` ``(batch, seqlen_q, nheads, headdim_v)``; with
     ``return_attn_probs=True``, ``(out, softmax_lse, None)`` where softmax_lse is
     ``(batch, nheads, seqlen_q)`` float32 (``+inf`` on rows with no visible key).
-    Forward only: gradients and dropout run on torch's SDPA / exact math.
-    ``deterministic`` is accepted for compatibility (the forward is deterministic).
+    Differentiable: where the Triton kernel runs the forward, its backward runs the backward
+    (dq, dk, dv; the lse's gradient too); what it cannot differentiate (dropout, ALiBi slopes
+    that require grad) runs both directions on torch's SDPA / exact math (``explain_flash`` says
+    why). ``deterministic`` is accepted for compatibility: both kernels are deterministic.
     """
     call = from_flash_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            return_lse=return_attn_probs)

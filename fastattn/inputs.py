@@ -64,6 +64,8 @@ class Features:
     layout: str = "dense"  # "dense", "varlen" (per-sequence lengths/offsets) or "paged" (K/V in pages)
     page_size: int = 0  # paged K/V: keys per page
     layout_extras: tuple[str, ...] = ()  # per-sequence parts beyond lengths: "cache_batch_idx", "cache_leftpad", "seqused_q"
+    mask_needs_grad: bool = False  # an additive mask that requires grad (e.g. T5's trainable position bias)
+    alibi_needs_grad: bool = False  # ALiBi slopes that require grad
 
     @property
     def positions_fit_torch(self) -> bool:
@@ -204,6 +206,9 @@ class AttentionCall:
             last_dim_contiguous=all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in (q, k, v)),
             want_lse=self.want_lse,
             short_queries=q.shape[2] <= 16,
+            mask_needs_grad=self.mask is not None and self.mask.requires_grad and torch.is_grad_enabled(),
+            alibi_needs_grad=(self.alibi_slopes is not None and self.alibi_slopes.requires_grad
+                              and torch.is_grad_enabled()),
             mask_key_padding=self.mask is not None and all(  # head and query dims absent, size 1 or stride 0
                 self.mask.dim() < -d or self.mask.shape[d] == 1 or self.mask.stride(d) == 0 for d in (-3, -2)),
         )

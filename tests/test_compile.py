@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.ops.triton_fwd import triton_fwd
+from fastattn.ops.triton_fwd import triton_bwd, triton_fwd
 from fastattn.testing import assert_close_by_rule, reference_attention
 
 from .conftest import DEVICE
@@ -19,10 +19,23 @@ def inputs(dtype=torch.float16):
     return q, k, v, mask
 
 
-def test_opcheck():
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_opcheck_forward(grad):
+    """Schema, fake tensor, autograd registration and AOT dispatch (the backward included)."""
     q, k, v, mask = inputs()
-    torch.library.opcheck(triton_fwd, (q, k, v, mask, None, torch.randn(4, device=DEVICE), 0.2, 5, 0, 4, 0.0),
-                          test_utils=("test_schema", "test_faketensor"))
+    q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
+    sinks = torch.randn(4, device=DEVICE).requires_grad_(grad)
+    torch.library.opcheck(triton_fwd, (q, k, v, mask, None, sinks, 0.2, 5, 0, 4, 0.0))
+
+
+def test_opcheck_backward():
+    q, k, v, mask = inputs()
+    sinks = torch.randn(4, device=DEVICE)
+    out, lse = triton_fwd(q, k, v, mask, None, sinks, 0.2, 5, 0, 4, 0.0)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse)
+    torch.library.opcheck(triton_bwd, (dout, dlse, q, k, v, out, lse, mask, None, sinks, 0.2, 5, 0, 4, 0.0))
+    torch.library.opcheck(triton_bwd, (dout, None, q, k, v, out, lse, None, None, None, 0.2, -1, -1, 4, 0.0))
 
 
 def test_fake_outputs_match_the_kernel():
@@ -94,3 +107,83 @@ def test_cuda_backend_traces_without_graph_breaks(monkeypatch):
     torch._dynamo.reset()
     got = torch.compile(check, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(got, check(x))
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+def _recording_aot_backend(graphs):
+    """aot_eager that keeps the forward and backward graphs it was given."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from functorch.compile import make_boxed_func
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+class _Attention(torch.nn.Module):
+    """What Transformers hands its attention function as ``module``."""
+
+    is_causal = True
+
+
+def _transformers_attention(q, k, v, mask):
+    from fastattn.integrations.transformers import attention_forward
+
+    mask = mask.expand(q.shape[0], 1, q.shape[2], k.shape[2])  # as Transformers' mask functions make it
+    out, _ = attention_forward(_ATTENTION, q, k, v, mask, scaling=0.2)
+    return out
+
+
+_ATTENTION = _Attention()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16_triton", "fp32_fallback"])
+@pytest.mark.parametrize("front", ["sdpa", "flash", "transformers"])
+def test_training_step_compiles_as_one_graph(front, dtype):
+    """A training step through each front end: the loss compiles with fullgraph=True (no graph
+    breaks), AOT autograd compiles its backward, the kernel's backward enters that graph as its
+    custom op, and loss and gradients are eager's. (Dynamo does not trace ``.backward()`` itself:
+    the step calls it on the compiled loss.)"""
+    if front == "transformers":
+        pytest.importorskip("transformers")
+    q, k, v, mask = inputs(dtype)
+    weights = torch.randn(2, 9, 4, 32, device=DEVICE, dtype=dtype)
+
+    def loss_of(q, k, v, mask):
+        if front == "sdpa":
+            out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        elif front == "flash":
+            out = fastattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                           softcap=3.0)
+        else:
+            out = _transformers_attention(q, k, v, mask)
+        return (out.float() * weights.float()).sum()
+
+    def step(loss_fn, q, k, v):
+        loss = loss_fn(q, k, v, mask)
+        loss.backward()
+        return loss.detach()
+
+    def leaves():
+        return [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    eager = leaves()
+    want = step(loss_of, *eager)
+    graphs = []
+    torch._dynamo.reset()
+    compiled = leaves()
+    got = step(torch.compile(loss_of, backend=_recording_aot_backend(graphs), fullgraph=True), *compiled)
+    assert len(graphs) == 2, "expected one forward and one backward graph"
+    torch.testing.assert_close(got, want)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+    targets = {node.target for gm in graphs for node in gm.graph.nodes}
+    if dtype == torch.float16:
+        assert torch.ops.fastattn.triton_fwd.default in targets and torch.ops.fastattn.triton_bwd.default in targets
+    else:
+        assert torch.ops.fastattn.triton_fwd.default not in targets  # fp32: the fallback, differentiated by torch

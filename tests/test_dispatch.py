@@ -55,13 +55,55 @@ def test_cpu_without_interpreter_is_refused_with_a_hint(monkeypatch):
     assert any("TRITON_INTERPRET=1" in r for r in reasons), reasons
 
 
-def test_dropout_and_grad_are_reasons():
+def test_dropout_is_a_reason():
     q, k, v = half_inputs()
-    assert any("dropout" in r for r in fastattn.explain(q, k, v, dropout_p=0.1).reasons("triton"))
+    assert "dropout_p > 0 is not supported" in fastattn.explain(q, k, v, dropout_p=0.1).reasons("triton")
+
+
+def test_grad_needs_a_backend_with_a_backward():
+    """A call that needs grad runs forward and backward on one backend: the forward-only
+    cuda kernel says so in its backward reasons, the triton kernel runs both."""
+    q, k, v = half_inputs()
     q.requires_grad_(True)
-    assert any("grad" in r for r in fastattn.explain(q, k, v).reasons("triton"))
+    report = fastattn.explain(q, k, v)
+    assert report.needs_grad and report.chosen == plain_auto()
+    assert report.backward_reasons("triton") == () and report.backward_reasons("sdpa") == ()
+    assert report.backward_reasons("cuda") == (
+        "inputs require grad and the cuda kernel is forward-only (no backward)",)
+    text = str(report)
+    assert "backward: inputs require grad" in text and "(forward and backward)" in text
     with torch.no_grad():
-        assert fastattn.explain(q, k, v).chosen == plain_auto()
+        report = fastattn.explain(q, k, v)
+    assert not report.needs_grad and report.backward_reasons("cuda") == ()
+    with fastattn.use_backend("cuda"):
+        with pytest.raises(fastattn.UnsupportedError, match="forward-only"):
+            fastattn.scaled_dot_product_attention(q, k, v)
+
+
+def test_backward_reasons_come_from_the_declarations():
+    """The generic sentences are worded once (backends/base.py) from what a backend declares."""
+    from fastattn.backends.base import Support
+
+    call, _ = from_sdpa_args(*(t.float() for t in half_inputs(E=320)), dropout_p=0.5)
+    f = call.features
+    assert Support(dtypes=(torch.float16, torch.bfloat16), max_head_dim=256, features=frozenset()).reasons(f) == [
+        "dtype torch.float32 is not supported (supported: float16, bfloat16)",
+        "head_dim=320 is too large (supported: <= 256)",
+        "dropout_p > 0 is not supported",
+    ]
+    assert Support().reasons(f) == []
+
+
+def test_gradients_the_kernel_does_not_compute_go_to_the_fallback():
+    """ALiBi slopes and an additive mask that require grad (T5's trainable position bias):
+    the triton backward gives them no gradient, so the fallback runs, and says why."""
+    q = torch.randn(1, 8, 2, 16, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    bias = torch.randn(1, 2, 8, 8, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    report = fastattn.explain(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), attn_mask=bias)
+    assert report.chosen == "sdpa"
+    assert any("attn_mask that requires grad" in r for r in report.backward_reasons("triton"))
+    frozen = fastattn.explain(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), attn_mask=bias.detach())
+    assert frozen.chosen == "triton"  # a call with a mask goes to triton on every GPU (dispatch.priority)
 
 
 def test_half_inputs_choose_plain_auto():
@@ -191,8 +233,10 @@ def test_decisions_are_cached():
 
 def test_launch_happens_under_the_inputs_device(monkeypatch):
     """Under device_map, layers live on different GPUs: the launch must run with the
-    tensors' device current, never the process's current device. Record the device
-    context active at launch with a fake torch.cuda.device and a recording kernel."""
+    tensors' device current, never the process's current device. Two links, each checked
+    with its real code: device_guard(cuda:1) makes cuda:1 current (a fake torch.cuda.device
+    records it), and the launcher launches inside device_guard(q.device) (the guard, wrapped
+    to record the device it was given, passes it on to the real one)."""
     from fastattn.kernels.triton import flash_fwd
 
     active = []
@@ -206,31 +250,48 @@ def test_launch_happens_under_the_inputs_device(monkeypatch):
         finally:
             active.pop()
 
+    monkeypatch.setattr(flash_fwd.torch.cuda, "device", fake_cuda_device)
+    with flash_fwd.device_guard(torch.device("cuda", 1)):
+        assert active == [torch.device("cuda", 1)]
+    assert active == []
+
+    real_guard = flash_fwd.device_guard
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        with real_guard(device):
+            active.append(device)
+            try:
+                yield
+            finally:
+                active.pop()
+
     class RecordingKernel:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 launches.append(list(active))
             return launch
 
-    monkeypatch.setattr(flash_fwd.torch.cuda, "device", fake_cuda_device)
+    monkeypatch.setattr(flash_fwd, "device_guard", recording_guard)
     monkeypatch.setattr(flash_fwd, "_flash_fwd_kernel", RecordingKernel())
-    with flash_fwd.device_guard(torch.device("cuda", 1)):
-        assert active == [torch.device("cuda", 1)]
-    assert active == []
-
-    # The launcher wraps the launch in device_guard(q.device); give it a q that claims cuda:1.
-    real_guard = flash_fwd.device_guard
-    monkeypatch.setattr(flash_fwd, "device_guard", lambda device: real_guard(torch.device("cuda", 1)))
     q, k, v = (t.cpu() for t in half_inputs())
     flash_fwd.flash_attn_forward(q, k, v, scale=0.1)
-    assert launches == [[torch.device("cuda", 1)]]
+    assert launches == [[q.device]]
 
 
-def test_device_guard_is_a_no_op_on_cpu():
-    from fastattn.kernels.triton.flash_fwd import device_guard
+def test_device_guard_is_a_no_op_on_cpu(monkeypatch):
+    """On the CPU (the interpreter) the guard switches no CUDA device: it never calls
+    torch.cuda.device, which would fail or initialise CUDA."""
+    from fastattn.kernels.triton import flash_fwd
 
-    with device_guard(torch.device("cpu")):
-        pass
+    def no_cuda(device):
+        raise AssertionError(f"device_guard switched the CUDA device to {device} for a CPU tensor")
+
+    monkeypatch.setattr(flash_fwd.torch.cuda, "device", no_cuda)
+    guard = flash_fwd.device_guard(torch.device("cpu"))
+    assert isinstance(guard, contextlib.nullcontext)
+    with guard as entered:
+        assert entered is None
 
 
 def test_device_facts_are_cached_per_index(monkeypatch):

@@ -13,14 +13,14 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import fastattn  # noqa: E402
 from fastattn.integrations import transformers as hf  # noqa: E402
+from fastattn.testing import MODEL_TOLERANCES  # noqa: E402
 
 from .conftest import DEVICE  # noqa: E402
 
 VOCAB = 100
 SEQ = 10
 
-# (atol, rtol x max|reference|), as Transformers' own equivalence tests
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (1e-2, 1e-2)}
+TOL = MODEL_TOLERANCES  # (atol, rtol x max|reference|), as Transformers' own equivalence tests
 
 
 def _decoder_cfg(cls, **extra):

@@ -16,15 +16,17 @@ import torch.nn.functional as F
 from .. import _device, _extension
 from .._env import constant_while_tracing
 from ..inputs import HALF_DTYPES, AttentionCall, Features
-from .base import Backend, forward_only_reasons
+from .base import ALL_FEATURES, Backend, Support, head_dim_reason
 
 MIN_CAPABILITY = _extension.MIN_ARCH  # what the extension is compiled for
 
-# One sentence per reason; the C++ op's messages contain the same text.
+# One sentence per reason; the C++ op's messages contain the same text. The dtype and head-dim
+# sentences are worded by backends/base.py for every backend (tests/test_cuda_backend.py checks
+# the whole sentences, tests/test_cuda_build.py the C++ side).
 MSG_DEVICE = "the cuda backend needs tensors on a CUDA device"
 MSG_DTYPE = "is not supported (supported: float16, bfloat16)"
 MSG_LAST_DIM = "the last dim of q, k and v must be contiguous (stride 1)"
-MSG_HEAD_DIM = "is too large (supported: <= {max})"
+MSG_HEAD_DIM = "is too large (supported: <= {max})"  # as base.head_dim_reason words it
 MSG_CAPABILITY = "is too old (the cuda backend needs 8.0 or newer)"
 SHARED_WITH_CPP = (MSG_DEVICE, MSG_DTYPE, MSG_LAST_DIM, MSG_HEAD_DIM.split("{")[0], MSG_CAPABILITY)
 
@@ -63,7 +65,8 @@ class CudaBackend(Backend):
     description = ("CUDA C++ flash-attention forward (csrc/, CuTe tensor-core MMA, sm80+): fp16/bf16, head dims "
                    "<= 256 (compiled 64/96/128/256, others padded), GQA/MQA, causal (both alignments), windows, "
                    "softcap, key-padding masks, split-KV decode")
-    dtypes = HALF_DTYPES
+    forward = Support(dtypes=HALF_DTYPES, features=ALL_FEATURES - {"alibi", "sinks", "dropout"})
+    backward = None  # forward only
 
     def prepare(self) -> bool:
         before = _extension.load()
@@ -77,7 +80,7 @@ class CudaBackend(Backend):
         loaded, _, head_dims = _extension_state()
         return head_dims if loaded else _extension.ALL_HEAD_DIMS
 
-    def not_supported_reasons(self, f: Features) -> list[str]:
+    def extra_reasons(self, f: Features) -> list[str]:
         reasons = []
         if f.device_type != "cuda":
             reasons.append(f"query is on {f.device_type}; {MSG_DEVICE}")
@@ -86,13 +89,11 @@ class CudaBackend(Backend):
             major, minor = _device.capability(f.device_index)
             if (major, minor) < MIN_CAPABILITY:
                 reasons.append(f"GPU compute capability {major}.{minor} {MSG_CAPABILITY}")
-        if f.dtype not in self.dtypes:
-            reasons.append(f"dtype {f.dtype} {MSG_DTYPE}")
+        # Head dims: what this build compiled (padded up to), not a fixed limit.
         compiled = self.compiled_head_dims() if f.device_type == "cuda" else _extension.ALL_HEAD_DIMS
         head_dim = max(f.head_dim, f.head_dim_v)
         if padded_head_dim(head_dim, compiled) is None:
-            reasons.append(f"head_dim={head_dim} " + MSG_HEAD_DIM.format(max=max(compiled))
-                           + f" (compiled: {', '.join(map(str, compiled))})")
+            reasons.append(head_dim_reason(head_dim, max(compiled)) + f" (compiled: {', '.join(map(str, compiled))})")
         if f.empty:
             reasons.append("an empty sequence or head dim: nothing for a kernel to do")
         if not f.last_dim_contiguous:
@@ -101,14 +102,10 @@ class CudaBackend(Backend):
             reasons.append(f"an attn_mask ({f.mask_dtype}) that varies over heads or query rows, or is not bool, is "
                            "not supported; the cuda kernel takes a bool key-padding mask (one row per sequence), "
                            "causal, windows and per-batch key lengths")
-        if f.has_alibi:
-            reasons.append("ALiBi slopes are not supported by the cuda kernel")
-        if f.has_sinks:
-            reasons.append("attention sinks are not supported by the cuda kernel")
         if f.layout != "dense":
             reasons.append(f"a {f.layout} layout (per-sequence lengths, offsets or pages) is not supported by the "
                            "cuda kernel yet; the triton kernel runs it")
-        return reasons + forward_only_reasons(f)
+        return reasons
 
     def run(self, call: AttentionCall, *, seqused_k: Optional[torch.Tensor] = None, num_splits: int = 0):
         from ..ops.cuda_fwd import fwd

@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..inputs import AttentionCall, Features
+from ..inputs import AttentionCall
 from ..ops.layout import empty_outputs
-from .base import Backend
+from .base import Backend, Support
 
 # Saved at import: fastattn.patch(torch_sdpa=True) may later replace the public
 # function with ours, and the fallback must not call itself.
@@ -69,17 +69,19 @@ def math_attention(call: AttentionCall, return_probs: bool = False):
     mask = combine_masks(call.mask, positional_bias(call))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    logits = s
     if call.sinks is not None:
-        sinks = call.sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
-        lse = torch.logsumexp(torch.cat([s, sinks], dim=-1), dim=-1)
-    else:
-        lse = torch.logsumexp(s, dim=-1)
-    empty = torch.isneginf(lse)
-    p = torch.exp(s - lse.masked_fill(empty, 0).unsqueeze(-1))
+        logits = torch.cat([s, call.sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+    # A row with no visible logit has no softmax: its output is 0 and its lse +inf. Its scores
+    # are replaced before logsumexp, whose gradient over an all -inf row is NaN (which an
+    # additive ALiBi bias or the softcap's tanh would carry into q and k).
+    empty = torch.isneginf(logits).all(dim=-1, keepdim=True)  # (also a row with no key at all)
+    lse = torch.logsumexp(logits.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    p = torch.exp(s.masked_fill(empty, 0.0) - lse).masked_fill(empty, 0.0)
     if call.dropout_p > 0:
         p = F.dropout(p, call.dropout_p)
     out = torch.matmul(p, v).to(call.q.dtype)
-    lse = lse.masked_fill(empty, float("inf"))
+    lse = lse.squeeze(-1).masked_fill(empty.squeeze(-1), float("inf"))
     return (out, lse, p.to(call.q.dtype)) if return_probs else (out, lse)
 
 
@@ -156,8 +158,8 @@ class SDPABackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention (any device and dtype); exact math for softcap and sinks"
 
-    def not_supported_reasons(self, features: Features) -> list[str]:
-        return []
+    forward = Support()  # any dtype, head dim and feature
+    backward = Support()  # torch's autograd differentiates whatever run() computed
 
     def run(self, call: AttentionCall):
         if call.layout != "dense":

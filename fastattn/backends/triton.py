@@ -6,7 +6,7 @@ import torch
 from .. import _device
 from .._env import constant_while_tracing, interpreting
 from ..inputs import HALF_DTYPES, AttentionCall, Features
-from .base import Backend, forward_only_reasons
+from .base import ALL_FEATURES, Backend, Support
 
 MAX_HEAD_DIM = 256
 
@@ -27,16 +27,16 @@ def _import_error() -> str | None:
 
 class TritonBackend(Backend):
     name = "triton"
-    description = ("Triton flash-attention forward: fp16/bf16, head dims <= 256, GQA/MQA, causal (both alignments), "
-                   "windows, softcap, ALiBi, bool/additive masks")
-    dtypes = HALF_DTYPES
-    max_head_dim = MAX_HEAD_DIM
+    description = ("Triton flash attention, forward and backward: fp16/bf16, head dims <= 256, GQA/MQA, causal "
+                   "(both alignments), windows, softcap, ALiBi, bool/additive masks, sinks (with their gradient)")
+    forward = Support(dtypes=HALF_DTYPES, max_head_dim=MAX_HEAD_DIM, features=ALL_FEATURES - {"dropout"})
+    backward = Support(dtypes=HALF_DTYPES, max_head_dim=MAX_HEAD_DIM, features=ALL_FEATURES - {"dropout"})
 
     def availability(self) -> list[str]:
         err = _import_error()
         return [f"triton cannot be imported ({err}); install it with `pip install triton`"] if err else []
 
-    def not_supported_reasons(self, f: Features) -> list[str]:
+    def extra_reasons(self, f: Features) -> list[str]:
         reasons = self.availability()
         if f.device_type == "cpu":
             if not interpreting():
@@ -50,44 +50,39 @@ class TritonBackend(Backend):
             if (major, minor) < need:
                 reasons.append(f"GPU compute capability {major}.{minor} is too old for {f.dtype} "
                                f"(needs {need[0]}.{need[1]} or newer)")
-        if f.dtype not in self.dtypes:
-            reasons.append(f"dtype {f.dtype} is not supported (supported: float16, bfloat16)")
-        if f.head_dim > MAX_HEAD_DIM or f.head_dim_v > MAX_HEAD_DIM:
-            reasons.append(f"head_dim={max(f.head_dim, f.head_dim_v)} is too large (supported: <= {MAX_HEAD_DIM})")
         if f.empty:
             reasons.append("an empty sequence or head dim: nothing for a kernel to do")
         if f.layout != "dense" and f.mask_dtype is not None:
             reasons.append(f"an attn_mask beside a {f.layout} layout is not supported (per-sequence lengths say "
                            "which keys each sequence has)")
-        if f.layout != "dense" and f.needs_grad:
-            reasons.append(f"inputs require grad and the {f.layout} layout has no backward kernel yet")
-        return reasons + forward_only_reasons(f)
+        return reasons
+
+    def extra_backward_reasons(self, f: Features) -> list[str]:
+        # The kernel gives no gradient to these; the fallback's autograd does.
+        reasons = []
+        if f.layout != "dense":
+            reasons.append(f"the {f.layout} layout has no backward kernel yet")
+        if f.alibi_needs_grad:
+            reasons.append("ALiBi slopes that require grad are not supported (the kernel gives them no gradient)")
+        if f.mask_needs_grad:
+            reasons.append("an additive attn_mask that requires grad (e.g. a trainable position bias) is not "
+                           "supported (the kernel gives the mask no gradient)")
+        return reasons
 
     def run(self, call: AttentionCall, *, num_splits: int = 0):
         left, right = call.key_bounds
         if call.layout != "dense":
             return self._run_per_sequence(call, left, right, num_splits)
-        if torch.compiler.is_compiling():
-            # Opaque to the compiler, with a fake implementation (fastattn/ops/triton_fwd.py).
-            from ..ops.triton_fwd import triton_fwd
+        # One path, eager and compiled: the custom op, differentiable through its registered
+        # backward (fastattn/ops/triton_fwd.py); opaque to torch.compile, with a fake implementation.
+        from ..ops.triton_fwd import triton_fwd
 
-            return triton_fwd(call.q, call.k, call.v, call.mask, call.alibi_slopes, call.sinks, call.scale,
-                              left, right, call.diag_offset, call.softcap)
-        from ..kernels.triton.flash_fwd import flash_attn_forward
-
-        return flash_attn_forward(
-            call.q, call.k, call.v,
-            scale=call.scale,
-            mask=call.mask,
-            causal_bounds=(left, right),
-            diag_offset=call.diag_offset,
-            softcap=call.softcap,
-            alibi_slopes=call.alibi_slopes,
-            sinks=call.sinks,
-        )
+        return triton_fwd(call.q, call.k, call.v, call.mask, call.alibi_slopes, call.sinks, call.scale, left, right,
+                          call.diag_offset, call.softcap)
 
     def _run_per_sequence(self, call: AttentionCall, left: int, right: int, num_splits: int):
-        """Varlen and paged calls: the kernel reads each sequence's lengths, offsets and pages."""
+        """Varlen and paged calls (forward only so far): the kernel reads each sequence's lengths,
+        offsets and pages; under torch.compile through its own opaque op."""
         if torch.compiler.is_compiling():
             from ..ops.triton_varlen import triton_varlen_fwd
 

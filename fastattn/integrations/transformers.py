@@ -36,6 +36,7 @@ from .. import dispatch
 from ..backends.sdpa import math_attention
 from ..functional import attention
 from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, from_varlen_args, mask_dtypes, with_extras
+from ..testing import MODEL_TOLERANCES
 
 __all__ = [
     "NAME",
@@ -75,6 +76,7 @@ class CallRecord:
     dtype: torch.dtype
     shape: tuple[int, ...]  # (B, Hq, L, S)
     why_not_triton: tuple[str, ...]  # the triton backend's reasons when it did not run
+    backward: Optional[str] = None  # the backend whose backward differentiates the call (None: no grad needed)
 
 
 _records: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastattn_hf_records", default=None)
@@ -106,8 +108,10 @@ def _record(module, call: AttentionCall, with_weights: bool = False) -> None:
         decision = dispatch.explain_call(call)
         backend = decision.chosen or "none"
         triton_reasons = () if backend == "triton" else dict(decision.verdicts).get("triton", ("not registered",))
+    backward = backend if call.features.needs_grad else None  # one backend runs both directions
     records.append(CallRecord(name, backend, call.q.dtype,
-                              (call.q.shape[0], call.q.shape[1], call.seqlen_q, call.seqlen_k), tuple(triton_reasons)))
+                              (call.q.shape[0], call.q.shape[1], call.seqlen_q, call.seqlen_k), tuple(triton_reasons),
+                              backward))
 
 
 # --------------------------------------------------------------------------- dtypes
@@ -560,7 +564,7 @@ def unpatch(model=None):
 # --------------------------------------------------------------------------- check
 
 
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (1e-2, 1e-2)}  # (atol, rtol)
+TOLERANCES = MODEL_TOLERANCES  # (atol, rtol x max |reference|), kept in fastattn.testing
 
 
 @dataclass
