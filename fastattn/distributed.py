@@ -216,10 +216,12 @@ class _RingAttention(torch.autograd.Function):
                     reqs = ring.exchange(kv, incoming)
                 qt, kt, vt = _bhld(q), _bhld(kv[0]), _bhld(kv[1])
                 for q_lo, q_hi, k_lo, k_hi, bounds, diag in ring_blocks(pieces[ring.rank], pieces[src], causal):
-                    out, lse = flash_attn_forward(qt[:, :, q_lo:q_hi], kt[:, :, k_lo:k_hi], vt[:, :, k_lo:k_hi],
-                                                  scale=scale, causal_bounds=bounds, diag_offset=diag)
+                    # float32 partials: rounding each to q's dtype before the merge would round twice.
+                    part = acc_out.new_empty((B, q_hi - q_lo, Hq, Ev)).transpose(1, 2)
+                    _, lse = flash_attn_forward(qt[:, :, q_lo:q_hi], kt[:, :, k_lo:k_hi], vt[:, :, k_lo:k_hi],
+                                                scale=scale, causal_bounds=bounds, diag_offset=diag, out=part)
                     merged_out, merged_lse = merge_attention_states(
-                        [acc_out[:, q_lo:q_hi], out.transpose(1, 2)], [acc_lse[:, :, q_lo:q_hi], lse])
+                        [acc_out[:, q_lo:q_hi], part.transpose(1, 2)], [acc_lse[:, :, q_lo:q_hi], lse])
                     acc_out[:, q_lo:q_hi] = merged_out
                     acc_lse[:, :, q_lo:q_hi] = merged_lse
                 _wait(reqs)
