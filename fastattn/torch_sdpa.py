@@ -1,6 +1,7 @@
 """fastattn behind torch's own flash SDPA ops (``torch.nn.attention``'s flash-impl registry).
 
-torch >= 2.13 lets a library install kernels behind its flash attention ops::
+Torch versions with ``torch.nn.attention.register_flash_attention_impl`` (2.13's documentation
+has it, 2.14 here) let a library install kernels behind their flash attention ops::
 
     import fastattn.torch_sdpa                      # registers "fastattn" (activates nothing)
     torch.nn.attention.activate_flash_attention_impl("fastattn")
@@ -17,8 +18,8 @@ before the override; ``_flash_attention_forward_no_dropout_inplace`` is left to 
 Causal calls with seqlen_q != seqlen_k line the diagonal up bottom-right, as torch's
 flash kernel does. :data:`counts` counts, per op, which implementation ran.
 
-Torch without the registry (before 2.13; the GPU image's 2.11 is checked by
-:func:`missing`): :func:`register` does nothing and returns False, :func:`activate` raises
+Torch without the registry (checked at run time by :func:`missing`; whether the GPU
+image's 2.11 has it was not verified): :func:`register` does nothing and returns False, :func:`activate` raises
 saying what is needed.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def missing() -> Optional[str]:
     needs = ("register_flash_attention_impl", "activate_flash_attention_impl", "restore_flash_attention_impl")
     if not all(hasattr(attn, n) for n in needs):
         return (f"torch {torch.__version__} has no flash attention impl registry (torch.nn.attention."
-                f"register_flash_attention_impl, torch >= 2.13); call fastattn's front ends instead")
+                f"register_flash_attention_impl); call fastattn's front ends instead")
     if not hasattr(torch.library, "get_kernel"):
         return (f"torch {torch.__version__} has no torch.library.get_kernel, which fastattn needs to hand the "
                 f"calls it cannot run back to torch's own kernel")
