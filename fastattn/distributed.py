@@ -21,6 +21,8 @@ the ranks' slices differ in length.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -300,5 +302,68 @@ def ring_flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, soft
     return (out, lse) if return_lse else out
 
 
-__all__ = ["LAYOUTS", "ring_blocks", "ring_flash_attn_func", "sequence_slices", "shard_sequence",
+# --------------------------------------------------------------------------- Transformers
+
+TRANSFORMERS_NAME = "fastattn_ring"
+_context: contextvars.ContextVar = contextvars.ContextVar("fastattn_context_parallel", default=None)
+
+
+@contextlib.contextmanager
+def context_parallel(group=None, *, layout: str = "zigzag", total_seqlen: Optional[int] = None):
+    """Inside the block, a model loaded with ``attn_implementation="fastattn_ring"`` (see
+    :func:`register_transformers`) attends over the whole sequence, split across ``group``'s
+    ranks in ``layout``: give each rank its slice of ``input_ids`` *and* of the global
+    ``position_ids`` (``shard_sequence`` of both), no padding mask, no KV cache."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} (supported: {', '.join(map(repr, LAYOUTS))})")
+    token = _context.set((group, layout, total_seqlen))
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def transformers_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: Optional[float] = None, **kwargs):
+    """Transformers' attention-function interface over the ring: query (B, Hq, L_local, D),
+    key/value (B, Hkv, L_local, D) -> ((B, L_local, Hq, D), None)."""
+    state = _context.get()
+    if state is None:
+        raise RuntimeError(f'attn_implementation="{TRANSFORMERS_NAME}" runs only inside '
+                           f"fastattn.distributed.context_parallel(group)")
+    unsupported = [f"{n}={kwargs[n]!r}" for n in ("sliding_window", "softcap", "s_aux")
+                   if kwargs.get(n) is not None]
+    if dropout:
+        unsupported.append(f"dropout={dropout}")
+    if attention_mask is not None:
+        unsupported.append("an attention mask (padding)")
+    if unsupported:
+        raise ValueError(f"ring attention in Transformers does not support {', '.join(unsupported)} "
+                         f"(it runs causal or full attention over unpadded sequences)")
+    group, layout, total = state
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    out = ring_flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling, causal,
+                               group=group, layout=layout, total_seqlen=total)
+    return out, None
+
+
+def _no_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+             **kwargs):
+    """The ring applies causality by global positions; a padding mask cannot be split with it."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(f'attn_implementation="{TRANSFORMERS_NAME}" runs unpadded sequences only; got a padding '
+                         f"mask with zeros")
+    return None
+
+
+def register_transformers() -> None:
+    """Register ``attn_implementation="fastattn_ring"`` with Transformers (imports it)."""
+    from transformers import masking_utils, modeling_utils
+
+    modeling_utils.AttentionInterface.register(TRANSFORMERS_NAME, transformers_attention)
+    masking_utils.AttentionMaskInterface.register(TRANSFORMERS_NAME, _no_mask)
+
+
+__all__ = ["LAYOUTS", "TRANSFORMERS_NAME", "context_parallel", "register_transformers", "transformers_attention", "ring_blocks", "ring_flash_attn_func", "sequence_slices", "shard_sequence",
            "unshard_sequence"]

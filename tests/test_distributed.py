@@ -45,11 +45,17 @@ def _inputs(dtype, total, hq, hkv, dim):
 def _launch(world, cases, tmp: Path):
     """Run tests/_distributed_worker.py on ``world`` ranks as torchrun would; returns each rank's results."""
     torch.save(cases, tmp / "cases.pt")
+    _run_ranks(world, "_distributed_worker.py", [str(tmp / "cases.pt"), str(tmp)])
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+def _run_ranks(world, script, args):
+    """Start ``tests/<script> *args`` on ``world`` ranks with torchrun's environment; wait for all."""
     env = dict(os.environ, TRITON_INTERPRET="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_distributed_worker.py"), str(tmp / "cases.pt"),
-                               str(tmp)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / script), *args],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     logs = []
@@ -62,7 +68,6 @@ def _launch(world, cases, tmp: Path):
             raise
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +107,47 @@ def test_ring_attention_equals_one_process(ring_results, name):
         like = case[n[1]]
         assert got[n].shape == like.shape and got[n].dtype == like.dtype, f"{n}: {got[n].shape} {got[n].dtype}"
         assert_close_by_rule(got[n].transpose(1, 2), r, r_lowp, factor=GRADIENT_FACTOR, what=n)
+
+
+def test_transformers_llama_context_parallel_equals_one_process(tmp_path):
+    """A tiny Llama with attn_implementation="fastattn_ring" on 2 ranks, each holding its zigzag
+    slice of one 30-token sequence (and of its position ids), in bf16 on the Triton kernel: the
+    logits and the embedding gradient of the summed logits equal one process's (within 2x / 3x
+    the single-process bf16 model's error against the fp32 model)."""
+    transformers = pytest.importorskip("transformers")
+    import fastattn  # noqa: F401  (registers "fastattn")
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (1, 30))
+    torch.save(ids, tmp_path / "ids.pt")
+    _run_ranks(2, "_cp_worker.py", [str(tmp_path)])
+    ranks = [torch.load(tmp_path / f"cp-rank{r}.pt") for r in range(2)]
+
+    def one_process(dtype):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastattn",
+                                                                  dtype=dtype)
+        logits = model(input_ids=ids, use_cache=False).logits
+        logits.float().sum().backward()
+        return logits.detach().double(), model.get_input_embeddings().weight.grad.double()
+
+    ref_logits, ref_grad = one_process(torch.float32)
+    lowp_logits, lowp_grad = one_process(torch.bfloat16)
+    logits = unshard_sequence([r["logits"] for r in ranks], dim=1)
+    assert logits.dtype == torch.bfloat16 and logits.shape == ref_logits.shape
+    assert_close_by_rule(logits, ref_logits, lowp_logits, what="logits")
+    for r in ranks:
+        assert_close_by_rule(r["grad"], ref_grad, lowp_grad, factor=GRADIENT_FACTOR, what="embedding grad")
+
+
+def test_transformers_ring_refuses_outside_context_parallel():
+    from fastattn.distributed import transformers_attention
+
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="context_parallel"):
+        transformers_attention(torch.nn.Module(), q, q, q, None)
 
 
 # --------------------------------------------------------------------------- layouts, in one process
