@@ -16,8 +16,8 @@ Sequence layouts (``layout=``), for a total length N split over W ranks:
   the work of rank 0).
 
 :func:`shard_sequence` cuts a full tensor into a rank's slice, :func:`unshard_sequence`
-puts gathered slices back in order. Uneven N is supported: pass ``total_seqlen`` when
-the ranks' slices differ in length.
+puts gathered slices back in order. Any N works (uneven slices included): the ranks'
+lengths are gathered once per call, or given as ``total_seqlen`` (no gather).
 """
 from __future__ import annotations
 
@@ -179,16 +179,25 @@ def _check_inputs(q, k, v, causal, layout):
         raise ValueError(f"layout={layout!r} (supported: {', '.join(map(repr, LAYOUTS))})")
 
 
-def _layout_of_ring(ring: _Ring, local_len: int, total_seqlen: Optional[int], layout: str):
-    """Every rank's pieces; checks this rank's slice against them."""
-    total = local_len * ring.size if total_seqlen is None else total_seqlen
+def _layout_of_ring(ring: _Ring, local: torch.Tensor, total_seqlen: Optional[int], layout: str):
+    """Every rank's pieces; checks this rank's slice against them. Without ``total_seqlen``
+    the ranks' lengths are gathered (one small all_gather) to find it."""
+    local_len = local.shape[1]
+    if total_seqlen is None:
+        mine = torch.tensor([local_len], dtype=torch.int64, device=local.device)
+        gathered = [torch.empty_like(mine) for _ in range(ring.size)]
+        dist.all_gather(gathered, mine, group=ring.group)
+        held = [int(t.item()) for t in gathered]
+        total = sum(held)
+    else:
+        held, total = None, total_seqlen
     pieces = [sequence_slices(total, ring.size, r, layout) for r in range(ring.size)]
     lengths = [sum(n for _, n in p) for p in pieces]
-    if lengths[ring.rank] != local_len or (total_seqlen is None and len(set(lengths)) > 1):
+    if lengths[ring.rank] != local_len or (held is not None and held != lengths):
         raise ValueError(
-            f"rank {ring.rank} holds {local_len} tokens, but a {layout} split of {total} tokens over {ring.size} "
-            f"ranks gives the ranks {lengths}: shard with fastattn.distributed.shard_sequence, and pass "
-            f"total_seqlen when the slices differ in length")
+            f"rank {ring.rank} holds {local_len} tokens (the ranks: {held or 'not gathered'}), but a {layout} split of "
+            f"{total} tokens over {ring.size} ranks gives them {lengths}: shard with "
+            f"fastattn.distributed.shard_sequence")
     return pieces
 
 
@@ -202,7 +211,7 @@ class _RingAttention(torch.autograd.Function):
         from .kernels.triton.flash_fwd import device_guard, flash_attn_forward
 
         ring = _Ring(group)
-        pieces = _layout_of_ring(ring, q.shape[1], total_seqlen, layout)
+        pieces = _layout_of_ring(ring, q, total_seqlen, layout)
         B, L, Hq, _ = q.shape
         Ev = v.shape[3]
         acc_out = q.new_zeros((B, L, Hq, Ev), dtype=torch.float32)
@@ -289,7 +298,7 @@ def ring_flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, soft
     docstring and :func:`shard_sequence`); float16 or bfloat16, CUDA (NCCL) or CPU under
     the Triton interpreter (gloo). nheads a multiple of nheads_k (GQA). ``causal``: each
     query sees the keys at or before its global position. ``total_seqlen``: the global
-    length, needed only when the ranks' slices differ in length.
+    length (None: gathered from the ranks' slice lengths by one small all_gather per call).
     Every rank of the group must call it with the same arguments.
     Returns this rank's out (batch, seqlen_local, nheads, headdim), equal to its rows of
     one process attending over the whole sequence; with ``return_lse`` also the lse

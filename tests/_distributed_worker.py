@@ -24,7 +24,8 @@ def main(cases_path: str, out_dir: str) -> None:
         q, k, v, do = (shard_sequence(case[n], rank, world, layout=layout).requires_grad_(n != "do")
                        for n in ("q", "k", "v", "do"))
         out, lse = ring_flash_attn_func(q, k, v, causal=case["causal"], layout=layout,
-                                        total_seqlen=case["q"].shape[1], return_lse=True)
+                                        total_seqlen=case["q"].shape[1] if case["pass_total"] else None,
+                                        return_lse=True)
         out.backward(do)
         results[name] = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
