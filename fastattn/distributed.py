@@ -157,7 +157,7 @@ def _wait(reqs):
         r.wait()
 
 
-def _check_inputs(q, k, v, causal, layout):
+def _check_inputs(q, k, v, layout):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (batch, seqlen_local, heads, head_dim); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -305,7 +305,7 @@ def ring_flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, soft
     (batch, nheads, seqlen_local) float32 (no gradient flows through it).
     Differentiable in q, k, v: the backward runs the ring again (same group and layout).
     """
-    _check_inputs(q, k, v, causal, layout)
+    _check_inputs(q, k, v, layout)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     out, lse = _RingAttention.apply(q, k, v, scale, bool(causal), group, layout, total_seqlen)
     return (out, lse) if return_lse else out
@@ -374,5 +374,5 @@ def register_transformers() -> None:
     masking_utils.AttentionMaskInterface.register(TRANSFORMERS_NAME, _no_mask)
 
 
-__all__ = ["LAYOUTS", "TRANSFORMERS_NAME", "context_parallel", "register_transformers", "transformers_attention", "ring_blocks", "ring_flash_attn_func", "sequence_slices", "shard_sequence",
-           "unshard_sequence"]
+__all__ = ["LAYOUTS", "TRANSFORMERS_NAME", "context_parallel", "register_transformers", "ring_blocks",
+           "ring_flash_attn_func", "sequence_slices", "shard_sequence", "transformers_attention", "unshard_sequence"]
