@@ -178,7 +178,7 @@ if [ -n "${TEST_FILES:-}" ]; then  # an explicit selection: one run over it, no 
   TEST_RUNS=("tests|||${FILES[*]}")
 else
   TEST_RUNS=("tests-triton|not cuda|90|$(existing tests/test_kernel.py tests/test_frontend.py tests/test_dispatch.py \
-                tests/test_compile.py tests/test_transformers*.py | tr '\n' ' ')"
+                tests/test_compile.py tests/test_transformers*.py tests/test_torch_sdpa.py | tr '\n' ' ')"
              "tests-cuda|cuda|60|$(existing tests/test_cuda_backend.py tests/test_kernel.py | tr '\n' ' ')")
 fi
 # name|-k expression|per-test timeout|files -> WANT RESERVE MIN of the stage (dry run: collection only)

@@ -506,8 +506,9 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     if out is not None:
-        if out.shape != (B, Hq, L, Ev) or out.dtype != q.dtype:
-            raise ValueError(f"out must be {(B, Hq, L, Ev)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+        # A float32 out keeps the result unrounded, for callers that merge partial results (ring attention).
+        if out.shape != (B, Hq, L, Ev) or out.dtype not in (q.dtype, torch.float32):
+            raise ValueError(f"out must be {(B, Hq, L, Ev)} {q.dtype} or float32, got {tuple(out.shape)} {out.dtype}")
         lse = q.new_empty((B, Hq, L), dtype=torch.float32)
     else:
         out, lse = empty_outputs(q, Ev)
