@@ -65,6 +65,10 @@ def _register_with_transformers() -> None:
 
 _register_with_transformers()
 
+# "fastattn" in torch's flash-attention impl registry, where this torch has one (never activated
+# here: torch.nn.attention.activate_flash_attention_impl("fastattn") does that).
+from . import torch_sdpa as _torch_sdpa  # noqa: E402,F401
+
 __all__ = [
     "scaled_dot_product_attention",
     "flash_attn_func",

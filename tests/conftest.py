@@ -32,7 +32,8 @@ def device():
 
 # --------------------------------------------------------------------------- tiers
 # The default run is the quick tier a kernel developer reruns; --full adds the slow tier
-# (compiling csrc/ with nvcc, building and installing a wheel), which CI runs.
+# (compiling csrc/ with nvcc, AOT Triton compiles, multi-process gloo runs, building and
+# installing a wheel), which CI runs.
 
 SLOW_MARKERS = ("slow", "cuda_build")
 
@@ -65,4 +66,4 @@ def pytest_terminal_summary(terminalreporter, config):
             terminalreporter.write_line(f"{count:5d} skipped: {reason}")
     if not config.getoption("--full"):  # (under xdist the workers deselect: no count here)
         terminalreporter.write_line("slow tier not run (the CUDA compile, AOT Triton compiles for sm_80/sm_90, "
-                                    "packaging): `python -m pytest -n 2 -q --full` runs everything, as CI does")
+                                    "multi-process distributed runs, packaging): `python -m pytest -n 2 -q --full` runs everything, as CI does")

@@ -90,6 +90,7 @@ def ring_results(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow  # spawns gloo ranks running the interpreter: the slow tier (--full)
 @pytest.mark.parametrize("name", list(CASES))
 def test_ring_attention_equals_one_process(ring_results, name):
     case, per_rank = ring_results(name)
@@ -110,6 +111,7 @@ def test_ring_attention_equals_one_process(ring_results, name):
         assert_close_by_rule(got[n].transpose(1, 2), r, r_lowp, factor=GRADIENT_FACTOR, what=n)
 
 
+@pytest.mark.slow
 def test_transformers_llama_context_parallel_equals_one_process(tmp_path):
     """A tiny Llama with attn_implementation="fastattn_ring" on 2 ranks, each holding its zigzag
     slice of one 30-token sequence (and of its position ids), in bf16 on the Triton kernel: the

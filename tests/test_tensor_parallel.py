@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 
+pytestmark = pytest.mark.slow  # spawns gloo ranks: the slow tier (--full)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
