@@ -450,9 +450,7 @@ def reset() -> None:
     global _status
     with _lock:
         _status = None
-    from . import dispatch  # its cached decisions quote the old status
-
-    dispatch.clear_cache()
+    # Nothing else to clear: dispatch keys its cached decisions on the backends' availability.
 
 
 def _aot_library() -> Optional[Path]:

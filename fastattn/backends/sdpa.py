@@ -2,7 +2,8 @@
 what SDPA cannot express (softcap, attention sinks, the log-sum-exp). It never refuses."""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +89,34 @@ class SDPABackend(Backend):
     def not_supported_reasons(self, features: Features) -> list[str]:
         return []
 
+    def runs_as_is(self, f: Features) -> bool:
+        """True when :meth:`run` hands the call's own tensors and mask to torch's SDPA unchanged:
+        nothing for the exact math, no positions to fold into the mask (at most a top-left causal
+        pattern, which is torch's ``is_causal``), a mask torch takes as it is."""
+        if f.has_softcap or f.has_sinks or f.want_lse or f.has_alibi or f.mask_dtype not in (None, torch.bool, f.dtype):
+            return False
+        return f.window == (-1, -1) or (f.window == (-1, 0) and f.positions_fit_torch and f.mask_dtype is None)
+
+    def as_is_runner(self, call: AttentionCall) -> Optional[Callable]:
+        """For a call that :meth:`runs_as_is`: torch's SDPA with the call's flags bound, to be given
+        ``(q, k, v, attn_mask, dropout_p, scale=...)`` of later calls like it by the front ends'
+        cached plans (with the caller's own scale: None is torch's default, 1 / sqrt(E), which
+        is the call's); None for any other call."""
+        f = call.features
+        if not self.runs_as_is(f):
+            return None
+        return functools.partial(torch_sdpa, is_causal=f.window == (-1, 0), enable_gqa=f.num_heads_q != f.num_heads_kv)
+
     def run(self, call: AttentionCall):
+        f = call.features
+        if self.runs_as_is(f):
+            out = torch_sdpa(call.q, call.k, call.v, attn_mask=call.mask, dropout_p=call.dropout_p,
+                             is_causal=f.window == (-1, 0), scale=call.scale, enable_gqa=f.num_heads_q != f.num_heads_kv)
+            return out, None
         if call.softcap > 0 or call.sinks is not None or call.want_lse:
             return math_attention(call)
         # torch's is_causal is top-left and refuses an explicit mask beside it; anything
         # else causal goes into the mask.
-        f = call.features
         plain_causal = (f.positions_fit_torch and f.window == (-1, 0) and call.mask is None
                         and call.alibi_slopes is None)
         mask = call.mask

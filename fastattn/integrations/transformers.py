@@ -34,8 +34,7 @@ import torch
 
 from .. import dispatch
 from ..backends.sdpa import math_attention
-from ..functional import attention
-from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, mask_dtypes, with_extras
+from ..inputs import HALF_DTYPES, AttentionCall, check_sdpa_args, mask_dtypes, sdpa_call, sdpa_signature, with_extras
 
 __all__ = [
     "NAME",
@@ -141,11 +140,31 @@ def _compute_dtype(module, device_type: str) -> Optional[torch.dtype]:
             if candidate in HALF_DTYPES:
                 return candidate
         return None
-    for p in module.parameters(recurse=True):
-        if p.is_floating_point():
-            return p.dtype if p.dtype in HALF_DTYPES else None
+    param = _first_float_parameter(module)
+    if param is not None:
+        return param.dtype if param.dtype in HALF_DTYPES else None
     dtype = _as_dtype(getattr(config, "dtype", None))
     return dtype if dtype in HALF_DTYPES else None
+
+
+_PROBE = "_fastattn_dtype_probe"  # (owner module, parameter name, parameter) or None, in the module's __dict__
+
+
+def _first_float_parameter(module) -> Optional[torch.nn.Parameter]:
+    """The module's first floating-point parameter, found once per module (a walk over its
+    submodules costs microseconds per attention call) and read again each call: ``.to()`` and
+    ``.half()`` change a parameter's dtype in place, and a parameter replaced by another is
+    noticed (the owner no longer holds it) and looked up afresh."""
+    probe = module.__dict__.get(_PROBE)
+    if probe is not None and probe[0]._parameters.get(probe[1]) is probe[2]:
+        return probe[2]
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None and param.is_floating_point():
+                module.__dict__[_PROBE] = (owner, name, param)
+                return param
+    module.__dict__.pop(_PROBE, None)
+    return None
 
 
 # --------------------------------------------------------------------------- the attention function
@@ -158,16 +177,10 @@ def _padding_free_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, L: int, S: int) -
     return (seg_q[:, None] == seg_k[None, :]).view(1, 1, L, S)
 
 
-def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> AttentionCall:
-    """Transformers' arguments -> one validated AttentionCall, with the semantics of
-    Transformers' SDPA path (``sdpa_attention_forward``)."""
-    L, S = query.shape[2], key.shape[2]
+def _positions(module, L: int, mask, compact, kwargs) -> tuple[bool, tuple[int, int]]:
+    """(causal, window) of a call, with the semantics of Transformers' SDPA path."""
     is_causal = kwargs.get("is_causal")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    mask = attention_mask
-    compact = None if kwargs.get("position_bias") is not None else _compact_causal_padding(mask, query.shape[0], L, S)
-    if compact is not None:  # the same visibility as the full mask; the kernel skips what causal rules out
-        mask, diag = compact
     # As Transformers' SDPA path: causal only with no mask (a mask already holds the
     # causal pattern) and never for one query (decoding sees every cached key). With
     # no mask and more keys than queries (prefill into an empty static cache) the
@@ -175,12 +188,29 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     causal = bool(is_causal) and L > 1 and mask is None
     # top-left: key j visible when j <= i + diag (a diag past the last key, as in every decode
     # step, bounds nothing: AttentionCall.key_bounds drops it)
-    window = (-1, diag) if compact is not None else (-1, -1)
+    window = (-1, compact[1]) if compact is not None else (-1, -1)
     sliding_window = kwargs.get("sliding_window")
     if causal and sliding_window is not None and sliding_window > 0:
         # Transformers' window includes the current token: kv_idx > q_idx - W, i.e. W - 1 keys to the left.
         # With a mask, the mask function has already applied it (in absolute positions).
         window = (int(sliding_window) - 1, 0)
+    return causal, window
+
+
+def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> AttentionCall:
+    """Transformers' arguments -> one validated AttentionCall, with the semantics of
+    Transformers' SDPA path (``sdpa_attention_forward``)."""
+    return _build_call_and_layout(module, query, key, value, attention_mask, dropout, scaling, kwargs)[0]
+
+
+def _build_call_and_layout(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """:func:`_build_call`, and the call's ``inputs.SDPALayout``."""
+    L, S = query.shape[2], key.shape[2]
+    mask = attention_mask
+    compact = None if kwargs.get("position_bias") is not None else _compact_causal_padding(mask, query.shape[0], L, S)
+    if compact is not None:  # the same visibility as the full mask; the kernel skips what causal rules out
+        mask = compact[0]
+    causal, window = _positions(module, L, mask, compact, kwargs)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if mask is None and cu_q is not None and query.shape[0] == 1 and cu_q.numel() > 2:
@@ -200,10 +230,39 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     if mask is not None and mask.dtype not in mask_dtypes(query.dtype):
         mask = mask.float()
 
-    call, _ = from_sdpa_args(query, key, value, attn_mask=mask, dropout_p=float(dropout or 0.0), is_causal=False,
-                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    return with_extras(call, causal=causal, window=window, softcap=kwargs.get("softcap") or 0.0,
+    call, layout = check_sdpa_args(query, key, value, attn_mask=mask, dropout_p=float(dropout or 0.0),
+                                   is_causal=False, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    call = with_extras(call, causal=causal, window=window, softcap=kwargs.get("softcap") or 0.0,
                        sinks=kwargs.get("s_aux"))
+    return call, layout
+
+
+def _signature(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """(signature, mask, causal, window) of a call the fast path takes: the signature is everything
+    :func:`_build_call` and the checks read (see ``inputs.sdpa_signature``), ``mask`` the one the
+    call runs with; (None, ...) for what only the full path handles (position_bias, cu_seq_lens,
+    output_attentions, arguments of unusual types)."""
+    get = kwargs.get
+    softcap, sinks, sliding_window = get("softcap"), get("s_aux"), get("sliding_window")
+    if (get("output_attentions") or get("position_bias") is not None or get("cu_seq_lens_q") is not None
+            or type(dropout) is not float or (softcap is not None and type(softcap) is not float)
+            or (sliding_window is not None and type(sliding_window) is not int)
+            or (sinks is not None and type(sinks) not in (torch.Tensor, torch.nn.Parameter))
+            or type(query) is not torch.Tensor):
+        return None, None, False, (-1, -1)
+    L = query.shape[2]
+    target = _compute_dtype(module, query.device.type) if query.dtype == torch.float32 else None
+    compact = _compact_causal_padding(attention_mask, query.shape[0], L, key.shape[2])
+    mask = attention_mask if compact is None else compact[0]
+    if mask is not None and type(mask) is torch.Tensor and mask.dtype not in mask_dtypes(target or query.dtype):
+        return None, None, False, (-1, -1)  # made float32 on the full path
+    causal, window = _positions(module, L, mask, compact, kwargs)
+    tensors = sdpa_signature(query, key, value, mask, dropout, False, scaling, query.shape[1] != key.shape[1])
+    if tensors is None:
+        return None, None, False, (-1, -1)
+    extras = (softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device,
+                                                   sinks.requires_grad and torch.is_grad_enabled()))
+    return ("transformers", tensors, target, causal, window, extras), mask, causal, window
 
 
 def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +288,35 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``cu_seq_lens_q/k`` (padding-free batches); the rest are ignored as SDPA does.
     """
     in_dtype = query.dtype
+    # A call like an earlier one (same shapes, strides, dtypes, devices, flags, mask kind) in the
+    # same dispatch state reuses its checks and decision (dispatch.Plan).
+    signature, mask, causal, window = (None, None, False, (-1, -1)) if torch.compiler.is_compiling() else _signature(
+        module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    plan = dispatch.cached_plan(signature)
+    if plan is None:
+        return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, kwargs, signature, mask)
+    target = signature[2]
+    if target is not None:  # the upcast of fp32 activations in a half model (warned about on the first call)
+        query, key, value = query.to(target), key.to(target), value.to(target)
+    if plan.as_is is not None and _records.get() is None:
+        out = plan.as_is(query, key, value, mask, dropout, scale=scaling)
+    else:
+        sinks = kwargs.get("s_aux")
+        call = sdpa_call(query, key, value, mask, plan.layout, dropout_p=dropout, causal=causal, window=window,
+                         softcap=kwargs.get("softcap") or 0.0, sinks=None if sinks is None else sinks.to(query.device),
+                         features=plan.features)
+        _record(module, call)
+        out, _ = plan.backend.run(call)
+    out = out.transpose(1, 2).contiguous()
+    if out.dtype != in_dtype:
+        out = out.to(in_dtype)
+    return out, None
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout, scaling, kwargs, signature, mask):
+    """:func:`attention_forward`'s full path: every check, then a plan for the calls like this one
+    (``signature`` and ``mask`` as :func:`_signature` gives them)."""
+    in_dtype = query.dtype
     if in_dtype == torch.float32:
         target = _compute_dtype(module, query.device.type)
         if target is not None:
@@ -236,7 +324,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                        f"fastattn: float32 activations reached the attention of a {target} model "
                        "(norms upcast for k-bit training?); attention runs in " f"{target} and returns float32")
             query, key, value = query.to(target), key.to(target), value.to(target)
-    call = _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    call, layout = _build_call_and_layout(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     # Device maps need no device switch here: each backend launches on the tensors' own device
     # and its current stream (the Triton launcher's device guard, the CUDA op's CUDAGuard, torch).
     if kwargs.get("output_attentions"):
@@ -246,7 +334,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out, weights = _eager_with_weights(call)
     else:
         _record(module, call)
-        out, _ = attention(call)
+        plan = dispatch.plan(call, signature, layout, as_is=layout.as_is(query, mask))
+        out, _ = plan.backend.run(call)
         weights = None
     out = out.transpose(1, 2).contiguous()
     if out.dtype != in_dtype:
@@ -286,8 +375,7 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     plain bidirectional padding mask is returned as a stride-0 view of the (B, S) padding
     instead of a materialized (B, 1, L, S) tensor (same values; the kernel reads it as is),
     and a plain causal mask with padding carries its compact form (see ``_CAUSAL_PADDING``)."""
-    from transformers import masking_utils
-
+    masking_utils = _masking_utils()
     factory = masking_utils.causal_mask_function if mask_function is None else mask_function
     plain = (not use_vmap and local_size is None and attention_mask is not None and attention_mask.dim() == 2
              and not torch.compiler.is_compiling())
@@ -296,18 +384,41 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         if allow_is_bidirectional_skip and bool(padding.all()):
             return None
         return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+    offsets_known = isinstance(q_offset, numbers.Integral) and isinstance(kv_offset, numbers.Integral)  # StaticCache: tensors
+    if (plain and q_length == 1 and offsets_known and factory is masking_utils.causal_mask_function
+            and kv_offset + kv_length - 1 <= q_offset):
+        # A decode step that sees every key causally: the mask is the padding row, which is what
+        # sdpa_mask computes here (None when nothing is padded and skipping is allowed) at a
+        # fraction of its cost, a (B, 1, 1, S) view instead of a new tensor.
+        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
+        if allow_is_causal_skip and bool(padding.all()):
+            return None
+        padding = padding[:, None, None, :]
+        return padding if padding.shape[0] == batch_size else padding.expand(batch_size, 1, 1, kv_length)
     mask = masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                                    kv_offset=kv_offset, mask_function=factory, attention_mask=attention_mask,
                                    local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
                                    allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap,
                                    device=device, **kwargs)
-    offsets_known = all(isinstance(x, numbers.Integral) for x in (q_offset, kv_offset))  # StaticCache: a GPU tensor
-    if plain and offsets_known and factory is masking_utils.causal_mask_function and mask is not None:
+    # A decode step (one query) gains nothing from the compact form: its mask is one row per sequence already.
+    if plain and q_length > 1 and offsets_known and mask is not None and factory is masking_utils.causal_mask_function:
         # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
         # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset).
-        setattr(mask, _CAUSAL_PADDING, (_padding_row(attention_mask, kv_offset, kv_length, device),
-                                        int(q_offset) - int(kv_offset)))
+        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
+        setattr(mask, _CAUSAL_PADDING, (padding[:, None, None, :], int(q_offset) - int(kv_offset)))
     return mask
+
+
+_transformers_masking: list = []
+
+
+def _masking_utils():
+    """transformers.masking_utils, imported once (an import statement costs a microsecond a call)."""
+    if not _transformers_masking:
+        from transformers import masking_utils
+
+        _transformers_masking.append(masking_utils)
+    return _transformers_masking[0]
 
 
 def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int):
@@ -316,12 +427,12 @@ def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int
     if mask is None or torch.compiler.is_compiling():
         return None
     compact = getattr(mask, _CAUSAL_PADDING, None)
-    if compact is None or tuple(mask.shape[-2:]) != (L, S):
+    if compact is None or mask.shape[-2:] != (L, S):
         return None
     padding, diag = compact
-    if tuple(padding.shape) != (B, S) or padding.device != mask.device or diag < 0:  # -1 would mean unbounded
+    if padding.shape != (B, 1, 1, S) or padding.device != mask.device or diag < 0:  # -1 would mean unbounded
         return None
-    return padding[:, None, None, :], diag
+    return compact
 
 
 # --------------------------------------------------------------------------- registration
