@@ -33,7 +33,7 @@ MAX_PLANS = 4096  # then start afresh: decode with a growing cache makes a new s
 
 def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
-    _availability_methods[:] = [b.availability for b in _REGISTRY.values()]
+    _backends[:] = _REGISTRY.values()
     clear_cache()
 
 
@@ -165,10 +165,10 @@ _flash_sdp, _efficient_sdp, _math_sdp, _cudnn_sdp = (enabled for _, enabled in _
 def availability() -> tuple[tuple[str, ...], ...]:
     """Every registered backend's :meth:`Backend.availability`, in registry order. Part of every
     cached decision's key: an extension built or reset shows here, so no cache needs clearing."""
-    return tuple([tuple(reasons()) for reasons in _availability_methods])
+    return tuple([tuple(backend.availability()) for backend in _backends])
 
 
-_availability_methods: list = []  # each registered backend's bound availability(), kept by register_backend
+_backends: list[Backend] = []  # _REGISTRY's values, kept by register_backend (a view of a dict costs more)
 
 
 # --------------------------------------------------------------------------- decisions
@@ -310,7 +310,7 @@ def _state() -> tuple:
     (FASTATTN_BACKEND, FASTATTN_STRICT, TRITON_INTERPRET), torch's SDPA switches and every
     backend's availability. About a microsecond; read on every call."""
     return (_forced.get(), decision_environment(), (_flash_sdp(), _efficient_sdp(), _math_sdp(), _cudnn_sdp()),
-            tuple([tuple(reasons()) for reasons in _availability_methods]))
+            tuple([tuple(backend.availability()) for backend in _backends]))
 
 
 def cached_plan(signature: Optional[tuple]) -> Optional[Plan]:

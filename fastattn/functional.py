@@ -5,7 +5,7 @@ import torch
 
 from . import dispatch
 from .inputs import (AttentionCall, check_sdpa_args, flash_call, flash_signature, from_flash_args, from_sdpa_args,
-                     sdpa_call, sdpa_signature)
+                     holds_as_is, sdpa_call, sdpa_signature)
 
 
 def _run(call: AttentionCall):
@@ -31,7 +31,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     plan = dispatch.cached_plan(signature)
     if plan is None:
         call, layout = check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        plan = dispatch.plan(call, signature, layout, as_is=layout.as_is(query, attn_mask))
+        plan = dispatch.plan(call, signature, layout, as_is=holds_as_is(call, query, key, value, attn_mask))
     elif plan.as_is is not None:
         return plan.as_is(query, key, value, attn_mask, dropout_p, scale=scale)
     else:

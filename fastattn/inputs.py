@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 __all__ = ["AttentionCall", "Features", "InvalidInputError", "from_sdpa_args", "from_flash_args", "with_extras",
-           "SDPALayout", "check_sdpa_args", "sdpa_call", "flash_call", "sdpa_signature", "flash_signature"]
+           "SDPALayout", "check_sdpa_args", "sdpa_call", "holds_as_is", "flash_call", "sdpa_signature", "flash_signature"]
 
 
 class InvalidInputError(ValueError, RuntimeError):
@@ -345,11 +345,6 @@ class SDPALayout:
     kv_lead: tuple[int, ...]
     scale: float
 
-    def as_is(self, query: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
-        """The call's tensors are the inputs themselves: 4-d, no batch or head broadcast."""
-        return (query.dim() == 4 and len(self.lead) == 2 and self.lead[0] == self.kv_lead[0]
-                and (attn_mask is None or attn_mask.dim() == 4))
-
 
 def sdpa_call(query, key, value, attn_mask, layout: SDPALayout, *, dropout_p: float = 0.0, causal: bool = False,
               window: tuple[int, int] = (-1, -1), softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
@@ -387,6 +382,12 @@ def _mask_to_4d(mask: torch.Tensor, lead: tuple[int, ...], L: int, S: int) -> to
     batch = full[:-3]
     m = m.expand(*batch, m.shape[-3], L if m.shape[-2] != 1 else 1, S if m.shape[-1] != 1 else 1)
     return m.reshape(-1, *m.shape[-3:])
+
+
+def holds_as_is(call: AttentionCall, query, key, value, attn_mask) -> bool:
+    """True when the call's q, k, v and mask are these tensors themselves (4-d, nothing broadcast
+    or reshaped), so that a kernel given the tensors sees what it would see given the call."""
+    return call.q is query and call.k is key and call.v is value and call.mask is attn_mask
 
 
 def with_extras(call: AttentionCall, *, causal: bool = False, window=(-1, -1), softcap=0.0,

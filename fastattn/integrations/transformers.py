@@ -34,7 +34,8 @@ import torch
 
 from .. import dispatch
 from ..backends.sdpa import math_attention
-from ..inputs import HALF_DTYPES, AttentionCall, check_sdpa_args, mask_dtypes, sdpa_call, sdpa_signature, with_extras
+from ..inputs import (HALF_DTYPES, AttentionCall, check_sdpa_args, holds_as_is, mask_dtypes, sdpa_call,
+                      sdpa_signature, with_extras)
 
 __all__ = [
     "NAME",
@@ -334,7 +335,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout, scali
         out, weights = _eager_with_weights(call)
     else:
         _record(module, call)
-        plan = dispatch.plan(call, signature, layout, as_is=layout.as_is(query, mask))
+        plan = dispatch.plan(call, signature, layout, as_is=holds_as_is(call, query, key, value, mask))
         out, _ = plan.backend.run(call)
         weights = None
     out = out.transpose(1, 2).contiguous()
