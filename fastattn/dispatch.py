@@ -158,7 +158,7 @@ def torch_restriction() -> tuple[str, ...]:
     return tuple(name for name, enabled in _SDP_FLAGS if not enabled())
 
 
-_flash_sdp, _efficient_sdp, _math_sdp, _cudnn_sdp = (enabled for _, enabled in _SDP_FLAGS)  # for _state()
+_flash_sdp, _efficient_sdp, _math_sdp, _cudnn_sdp = (enabled for _, enabled in _SDP_FLAGS)  # for _key()
 
 
 @constant_while_tracing  # the backends' own checks import and lock
@@ -293,7 +293,7 @@ def select(call: AttentionCall) -> Backend:
 @dataclass(frozen=True)
 class Plan:
     """What a front end worked out for one call, kept for the calls with the same signature
-    (``inputs.sdpa_signature``...) in the same state (:func:`_state`): the backend, the call's
+    (``inputs.sdpa_signature``...) in the same state (see :func:`_key`): the backend, the call's
     features, the front end's own ``layout``, and -- where the sdpa backend would hand the
     tensors to torch's SDPA unchanged -- that function with the call's flags bound (``as_is``)."""
 
@@ -303,21 +303,20 @@ class Plan:
     as_is: Optional[Callable] = None
 
 
-
-
-def _state() -> tuple:
-    """Everything besides the call that a decision reads: the forced backend, the environment
-    (FASTATTN_BACKEND, FASTATTN_STRICT, TRITON_INTERPRET), torch's SDPA switches and every
-    backend's availability. About a microsecond; read on every call."""
-    return (_forced.get(), decision_environment(), (_flash_sdp(), _efficient_sdp(), _math_sdp(), _cudnn_sdp()),
-            tuple([tuple(backend.availability()) for backend in _backends]))
+def _key(signature: tuple) -> tuple:
+    """A plan's key: the call's signature and everything else a decision reads -- the forced
+    backend, the environment (FASTATTN_BACKEND, FASTATTN_STRICT, TRITON_INTERPRET), torch's SDPA
+    switches and every backend's availability. Read on every call: about a microsecond, spelled
+    out flat for that reason."""
+    return (signature, _forced.get(), decision_environment(), _flash_sdp(), _efficient_sdp(), _math_sdp(),
+            _cudnn_sdp(), tuple([tuple(backend.availability()) for backend in _backends]))
 
 
 def cached_plan(signature: Optional[tuple]) -> Optional[Plan]:
     """The plan made for an earlier call with this signature in the present state, or None."""
     if signature is None:
         return None
-    return _plans.get((signature, _state()))
+    return _plans.get(_key(signature))
 
 
 def plan(call: AttentionCall, signature: Optional[tuple], layout: object = None, as_is: bool = False) -> Plan:
@@ -330,5 +329,5 @@ def plan(call: AttentionCall, signature: Optional[tuple], layout: object = None,
     if signature is not None and not torch.compiler.is_compiling():
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
-        _plans[(signature, _state())] = made  # the state after select: a forced backend may have got ready
+        _plans[_key(signature)] = made  # the state after select: a forced backend may have got ready
     return made

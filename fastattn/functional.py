@@ -33,7 +33,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         call, layout = check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         plan = dispatch.plan(call, signature, layout, as_is=holds_as_is(call, query, key, value, attn_mask))
     elif plan.as_is is not None:
-        return plan.as_is(query, key, value, attn_mask, dropout_p, scale=scale)
+        return plan.as_is(query, key, value, attn_mask, dropout_p, scale)
     else:
         layout = plan.layout
         call = sdpa_call(query, key, value, attn_mask, layout, dropout_p=dropout_p, causal=is_causal,
@@ -69,7 +69,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                return_lse=return_attn_probs)
         plan = dispatch.plan(call, signature, layout=call.scale, as_is=True)
     elif plan.as_is is not None:  # torch's SDPA on the (B, H, L, E) views, as the sdpa backend would call it
-        out = plan.as_is(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, dropout_p, scale=softmax_scale)
+        out = plan.as_is(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, dropout_p, softmax_scale)
         return out.transpose(1, 2).contiguous()
     else:
         call = flash_call(q, k, v, dropout_p, plan.layout, causal, window_size, softcap, alibi_slopes,

@@ -2,7 +2,6 @@
 what SDPA cannot express (softcap, attention sinks, the log-sum-exp). It never refuses."""
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
@@ -99,13 +98,18 @@ class SDPABackend(Backend):
 
     def as_is_runner(self, call: AttentionCall) -> Optional[Callable]:
         """For a call that :meth:`runs_as_is`: torch's SDPA with the call's flags bound, to be given
-        ``(q, k, v, attn_mask, dropout_p, scale=...)`` of later calls like it by the front ends'
+        ``(q, k, v, attn_mask, dropout_p, scale)`` of later calls like it by the front ends'
         cached plans (with the caller's own scale: None is torch's default, 1 / sqrt(E), which
         is the call's); None for any other call."""
         f = call.features
         if not self.runs_as_is(f):
             return None
-        return functools.partial(torch_sdpa, is_causal=f.window == (-1, 0), enable_gqa=f.num_heads_q != f.num_heads_kv)
+        causal, gqa = f.window == (-1, 0), f.num_heads_q != f.num_heads_kv
+
+        def run_as_is(q, k, v, attn_mask, dropout_p, scale):  # positional where torch allows: cheaper to parse
+            return torch_sdpa(q, k, v, attn_mask, dropout_p, causal, scale=scale, enable_gqa=gqa)
+
+        return run_as_is
 
     def run(self, call: AttentionCall):
         f = call.features

@@ -134,7 +134,7 @@ def _compute_dtype(module, device_type: str) -> Optional[torch.dtype]:
         dtype = torch.get_autocast_dtype(device_type)
         return dtype if dtype in HALF_DTYPES else None
     config = getattr(module, "config", None)
-    quant = getattr(config, "quantization_config", None)
+    quant = _quantization_config(module, config)
     if quant is not None:
         compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else getattr(quant, "bnb_4bit_compute_dtype", None)
         for candidate in (_as_dtype(compute), _as_dtype(getattr(config, "dtype", None))):
@@ -146,6 +146,18 @@ def _compute_dtype(module, device_type: str) -> Optional[torch.dtype]:
         return param.dtype if param.dtype in HALF_DTYPES else None
     dtype = _as_dtype(getattr(config, "dtype", None))
     return dtype if dtype in HALF_DTYPES else None
+
+
+_QUANT = "_fastattn_quantization_config"  # (config, its quantization_config), in the module's __dict__
+
+
+def _quantization_config(module, config):
+    """``config.quantization_config``, read once per config object: an attribute a Transformers
+    config does not have costs microseconds to miss, on every attention call."""
+    cached = module.__dict__.get(_QUANT)
+    if cached is None or cached[0] is not config:
+        cached = module.__dict__[_QUANT] = (config, getattr(config, "quantization_config", None))
+    return cached[1]
 
 
 _PROBE = "_fastattn_dtype_probe"  # (owner module, parameter name, parameter) or None, in the module's __dict__
@@ -252,10 +264,11 @@ def _signature(module, query, key, value, attention_mask, dropout, scaling, kwar
             or type(query) is not torch.Tensor):
         return None, None, False, (-1, -1)
     L = query.shape[2]
-    target = _compute_dtype(module, query.device.type) if query.dtype == torch.float32 else None
-    compact = _compact_causal_padding(attention_mask, query.shape[0], L, key.shape[2])
+    dtype = query.dtype
+    target = _compute_dtype(module, query.device.type) if dtype is torch.float32 else None
+    compact = None if attention_mask is None else _compact_causal_padding(attention_mask, query.shape[0], L, key.shape[2])
     mask = attention_mask if compact is None else compact[0]
-    if mask is not None and type(mask) is torch.Tensor and mask.dtype not in mask_dtypes(target or query.dtype):
+    if mask is not None and mask.dtype not in mask_dtypes(target or dtype):
         return None, None, False, (-1, -1)  # made float32 on the full path
     causal, window = _positions(module, L, mask, compact, kwargs)
     tensors = sdpa_signature(query, key, value, mask, dropout, False, scaling, query.shape[1] != key.shape[1])
@@ -300,7 +313,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if target is not None:  # the upcast of fp32 activations in a half model (warned about on the first call)
         query, key, value = query.to(target), key.to(target), value.to(target)
     if plan.as_is is not None and _records.get() is None:
-        out = plan.as_is(query, key, value, mask, dropout, scale=scaling)
+        out = plan.as_is(query, key, value, mask, dropout, scaling)
     else:
         sinks = kwargs.get("s_aux")
         call = sdpa_call(query, key, value, mask, plan.layout, dropout_p=dropout, causal=causal, window=window,
