@@ -295,28 +295,40 @@ class Plan:
     """What a front end worked out for one call, kept for the calls with the same signature
     (``inputs.sdpa_signature``...) in the same state (see :func:`_key`): the backend, the call's
     features, the front end's own ``layout``, and -- where the sdpa backend would hand the
-    tensors to torch's SDPA unchanged -- that function with the call's flags bound (``as_is``)."""
+    tensors to torch's SDPA unchanged -- a function that does so (``as_is``).
+
+    ``relies_on``: the backends whose availability the choice rests on, with what it was: the
+    chosen one, and any ahead of it that nothing but its availability kept out. Whenever one of
+    them says otherwise the plan is not used (no cache is cleared from outside: the
+    availability is part of what the plan depends on). Reading it for these few instead of every
+    backend saves most of a microsecond per call."""
 
     backend: Backend
     features: Features
     layout: object = None
     as_is: Optional[Callable] = None
+    relies_on: tuple = ()  # ((backend, its availability() list), ...)
 
 
 def _key(signature: tuple) -> tuple:
-    """A plan's key: the call's signature and everything else a decision reads -- the forced
-    backend, the environment (FASTATTN_BACKEND, FASTATTN_STRICT, TRITON_INTERPRET), torch's SDPA
-    switches and every backend's availability. Read on every call: about a microsecond, spelled
-    out flat for that reason."""
+    """A plan's key: the call's signature and the rest of what a decision reads but backends'
+    availability (see Plan.relies_on) -- the forced backend, the environment (FASTATTN_BACKEND,
+    FASTATTN_STRICT, TRITON_INTERPRET) and torch's four SDPA switches."""
     return (signature, _forced.get(), decision_environment(), _flash_sdp(), _efficient_sdp(), _math_sdp(),
-            _cudnn_sdp(), tuple([tuple(backend.availability()) for backend in _backends]))
+            _cudnn_sdp())
 
 
 def cached_plan(signature: Optional[tuple]) -> Optional[Plan]:
     """The plan made for an earlier call with this signature in the present state, or None."""
     if signature is None:
         return None
-    return _plans.get(_key(signature))
+    plan = _plans.get(_key(signature))
+    if plan is None:
+        return None
+    for backend, available in plan.relies_on:
+        if backend.availability() != available:
+            return None
+    return plan
 
 
 def plan(call: AttentionCall, signature: Optional[tuple], layout: object = None, as_is: bool = False) -> Plan:
@@ -324,10 +336,19 @@ def plan(call: AttentionCall, signature: Optional[tuple], layout: object = None,
     choice for later calls with the same ``signature`` (None: keep nothing). ``as_is``: the call's
     tensors are the front end's arguments themselves, so torch's SDPA may be given those."""
     backend = select(call)
+    decision = explain_call(call)  # select's, from the cache
+    relies_on = []
+    for name, reasons in decision.verdicts:
+        candidate = _REGISTRY[name]
+        available = candidate.availability()
+        if name == decision.chosen or all(reason in available for reason in reasons):
+            relies_on.append((candidate, available))
+        if name == decision.chosen:
+            break
     runner = backend.as_is_runner(call) if as_is and isinstance(backend, SDPABackend) else None
-    made = Plan(backend, call.features, layout, runner)
+    made = Plan(backend, call.features, layout, runner, tuple(relies_on))
     if signature is not None and not torch.compiler.is_compiling():
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
-        _plans[_key(signature)] = made  # the state after select: a forced backend may have got ready
+        _plans[_key(signature)] = made
     return made

@@ -8,6 +8,9 @@ from .inputs import (AttentionCall, check_sdpa_args, flash_call, flash_signature
                      holds_as_is, sdpa_call, sdpa_signature)
 
 
+_compiling = torch.compiler.is_compiling
+
+
 def _run(call: AttentionCall):
     return dispatch.select(call).run(call)
 
@@ -26,7 +29,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     # A call like an earlier one (same signature: shapes, strides, dtypes, devices, flags) in the
     # same dispatch state reuses its checks and decision; see inputs.sdpa_signature, dispatch.Plan.
-    signature = None if torch.compiler.is_compiling() else sdpa_signature(
+    signature = None if _compiling() else sdpa_signature(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     plan = dispatch.cached_plan(signature)
     if plan is None:
@@ -61,7 +64,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Forward only: gradients and dropout run on torch's SDPA / exact math.
     ``deterministic`` is accepted for compatibility (the forward is deterministic).
     """
-    signature = None if torch.compiler.is_compiling() else flash_signature(
+    signature = None if _compiling() else flash_signature(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
     plan = dispatch.cached_plan(signature)
     if plan is None:

@@ -496,6 +496,7 @@ def flash_call(q, k, v, dropout_p: float, scale: float, causal: bool, window_siz
 # to the checks.
 
 _Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
 
 
 def sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Optional[tuple]:
@@ -513,7 +514,7 @@ def sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, en
         mask = (attn_mask.shape, attn_mask.stride(), attn_mask.dtype)
     else:
         return None
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+    needs_grad = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                               or (attn_mask is not None and attn_mask.requires_grad))
     return (query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(), dtype, device,
             needs_grad, mask, dropout_p, is_causal, scale, enable_gqa)
@@ -537,7 +538,7 @@ def flash_signature(q, k, v, dropout_p, softmax_scale, causal, window_size, soft
         slopes = (alibi_slopes.shape, alibi_slopes.dtype, alibi_slopes.device)
     else:
         return None
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+    needs_grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                               or (alibi_slopes is not None and alibi_slopes.requires_grad))
     # "flash": the same tensors mean another call than under SDPA's signature (the layouts differ)
     return ("flash", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), dtype, device, needs_grad,

@@ -276,10 +276,21 @@ def test_plans_follow_a_backends_availability_without_clearing_anything(monkeypa
     q, k, v = (t.half() for t in _sdpa_good())
     assert fastattn.explain(q, k, v, enable_gqa=True).chosen == "triton"
     fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    sig = sdpa_signature(q, k, v, None, 0.0, False, None, True)
+
+    def chosen():
+        fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return dispatch.cached_plan(sig).backend.name
+
+    assert chosen() == "triton"
     monkeypatch.setattr(TritonBackend, "availability", lambda self: ["triton went away"])
+    assert dispatch.cached_plan(sig) is None  # the chosen backend is gone: the plan is not used
     assert fastattn.explain(q, k, v, enable_gqa=True).chosen == "sdpa"
+    assert chosen() == "sdpa"
     with fastattn.use_backend("triton"), pytest.raises(fastattn.UnsupportedError, match="triton went away"):
         fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    monkeypatch.undo()  # back: only its availability kept it out of the sdpa plan, so that plan goes too
+    assert chosen() == "triton"
 
 
 def test_an_extension_status_change_reaches_dispatch_without_being_told(monkeypatch):
