@@ -6,6 +6,8 @@ peak memory of a padded batch, with torch SDPA vs fastattn as the attention.
     python -m benchmarks.model --transformers       # the same with Transformers' LlamaForCausalLM,
                                                     # attn_implementation "sdpa" vs "fastattn"
     python -m benchmarks.model --tiny               # CPU-sized dry run of the same code
+    python -m benchmarks.model --generate --threads 1   # greedy generate per step, sdpa vs fastattn
+                                                    # (a tiny 8-layer Llama, 2 Llama-3-8B layers; CPU too)
 
 By default the model is written out here (embedding, RMSNorm, RoPE, GQA attention, SwiGLU
 MLP, a static KV cache) so that the one thing that differs between the two runs
@@ -254,6 +256,88 @@ def fastattn_choices(fn) -> list[str]:
     return seen
 
 
+# --------------------------------------------------------------------------- greedy generation (CPU or GPU)
+
+# The models of issue #12's CPU benchmark: a tiny Llama with 8 layers and GQA, and 2 layers of
+# Llama-3-8B's dimensions (the vocabulary cut to 32k so that the fp32 model fits a dev box: it
+# only sizes the embedding and the head, which do not touch attention).
+GENERATE_MODELS = {
+    "tiny-llama-8L": Shape(hidden=256, heads=8, kv_heads=2, head_dim=32, ffn=512, vocab=1000, layers=8),
+    "llama3-8b-dims-2L": Shape(layers=2, vocab=32000),
+}
+
+
+def generate_step_ms(model, impl: str, ids, mask, steps: tuple[int, int], repeats: int) -> tuple[float, torch.Tensor]:
+    """Milliseconds per generated token of greedy ``generate`` with ``attn_implementation=impl``:
+    the difference between ``steps[1]`` and ``steps[0]`` new tokens (prefill and set-up cancel
+    out), fastest of ``repeats``; and the tokens of the longer run."""
+    from fastattn.integrations import transformers as hf
+
+    hf.set_attn_implementation(model, impl)
+
+    def run(n):
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    with torch.no_grad():
+        run(steps[0])  # warm-up
+        short = min(run(steps[0])[0] for _ in range(repeats))
+        timings = [run(steps[1]) for _ in range(repeats)]
+    long, tokens = min(timings, key=lambda t: t[0])
+    return (long - short) * 1e3 / (steps[1] - steps[0]), tokens
+
+
+def generate_main(args, device, info) -> int:
+    """``--generate``: per-step time of greedy generation, sdpa vs fastattn, each model with and
+    without left padding, the two attentions alternating in one run; a table and CSV rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch, prompt = 4, 32
+    steps = (2, 2 + args.generate_steps)
+    rows = []
+    for name, shape in GENERATE_MODELS.items():
+        if args.generate_models and name not in args.generate_models:
+            continue
+        config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
+                             num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                             head_dim=shape.head_dim, vocab_size=shape.vocab, rope_theta=shape.rope_theta,
+                             max_position_embeddings=prompt + steps[1] + 1, eos_token_id=None, bos_token_id=None)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(dtype).eval()
+        model.generation_config.eos_token_id = None
+        ids = torch.randint(1, shape.vocab, (batch, prompt), device=device)
+        for padding in ("none", "left"):
+            mask = torch.ones(batch, prompt, dtype=torch.long, device=device)
+            if padding == "left":
+                for row, n in enumerate((0, 5, 13, 21)):
+                    mask[row, :n] = 0
+            ms, tokens = {}, {}
+            for round_ in range(2):  # sdpa, fastattn, sdpa, fastattn: drift hits both alike
+                for impl in ("sdpa", "fastattn"):
+                    t, tok = generate_step_ms(model, impl, ids.masked_fill(mask == 0, 0), mask, steps, args.repeats)
+                    ms[impl] = min(ms.get(impl, math.inf), t)
+                    tokens[impl] = tok
+            same = torch.equal(tokens["sdpa"], tokens["fastattn"])
+            for impl in ("sdpa", "fastattn"):
+                rows.append(dict(info, model=name, layers=shape.layers, dtype=str(dtype).split(".")[-1], attention=impl,
+                                 measure=f"generate step, {padding} padding", batch=batch, seqlen=prompt,
+                                 context=prompt + steps[1], status="ok", reason="" if same else "tokens differ",
+                                 p50_ms=ms[impl], tokens_per_s=batch / (ms[impl] * 1e-3),
+                                 speed_vs_sdpa=ms["sdpa"] / ms[impl]))
+            print(f"{name:18} {padding:5} padding: sdpa {ms['sdpa']:8.2f} ms/step  fastattn {ms['fastattn']:8.2f} "
+                  f"ms/step  fastattn/sdpa {ms['fastattn'] / ms['sdpa']:.3f}x  same tokens: {same}", flush=True)
+            append_rows(args.csv, rows[-2:], COLUMNS)
+        del model
+    print(f"csv: {args.csv}")
+    return 0 if all(r["reason"] == "" for r in rows) else 1
+
+
 COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "cuda", "model", "layers", "dtype", "attention",
            "measure", "batch", "seqlen", "context", "status", "reason", "p50_ms", "tokens_per_s", "peak_mem_mb",
            "speed_vs_sdpa"]
@@ -276,11 +360,27 @@ def main(argv=None) -> int:
                         help="Transformers' LlamaForCausalLM with attn_implementation sdpa vs fastattn")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: profile one decode step per attention (host time, top kernels and host ops)")
+    parser.add_argument("--generate", action="store_true",
+                        help="greedy generate with Transformers' Llama (a tiny 8-layer one and 2 Llama-3-8B-shaped "
+                             "layers), with and without left padding: time per step, sdpa vs fastattn (CPU too)")
+    parser.add_argument("--generate-steps", type=int, default=8, help="tokens timed per generate run (default 8)")
+    parser.add_argument("--generate-models", nargs="*", choices=list(GENERATE_MODELS), help="only these models")
+    parser.add_argument("--repeats", type=int, default=3, help="--generate: runs per timing, fastest kept")
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "model.csv")
     parser.add_argument("--run-timestamp", help="label the rows with this run timestamp (to join runs of one check)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.generate:
+        info = run_info(device)
+        if args.run_timestamp:
+            info["timestamp"] = args.run_timestamp
+        print(f"greedy generate on {info['device']} ({torch.get_num_threads()} threads): ms per new token, "
+              f"batch 4, prompt 32", flush=True)
+        return generate_main(args, device, info)
     tiny = args.tiny or device.type == "cpu"
     shape = TINY if tiny else Shape(layers=args.layers)
     pb, pl = args.prefill or ((2, 128) if tiny else (4, 2048))

@@ -18,6 +18,7 @@ import fastattn
 from fastattn import _extension, dispatch
 from fastattn.backends.triton import TritonBackend
 from fastattn.inputs import flash_signature, from_flash_args, from_sdpa_args, sdpa_signature
+from fastattn.testing import reference_attention
 
 from .conftest import DEVICE
 
@@ -465,3 +466,21 @@ def test_decode_mask_is_sdpa_masks(padded, skip, batch):
         assert (ours is None) == (ref is None), args
         if ref is not None:
             assert ours.shape == ref.shape and torch.equal(ours, ref), args
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 7), (1, 1, 1, 7), (2, 4, 1, 7)], ids=["per-batch", "shared", "per-head"])
+def test_packed_gqa_decode_with_a_mask_gives_the_reference(mask_shape):
+    """A GQA decode step with a key-padding mask runs as packed query rows per key/value head
+    (as Transformers does); a mask that differs per head is not packed. Both give the reference."""
+    q = torch.randn(2, 4, 1, 16, device=DEVICE)
+    k, v = torch.randn(2, 2, 7, 16, device=DEVICE), torch.randn(2, 2, 7, 16, device=DEVICE)
+    mask = torch.rand(mask_shape, device=DEVICE) > 0.4
+    mask[..., -1] = True
+    call, _ = from_sdpa_args(q, k, v, mask, enable_gqa=True)
+    runner = fastattn.backends.sdpa.SDPABackend().as_is_runner(call)
+    assert runner is not None and (runner.__name__ == "run_packed") == (mask_shape[1] == 1)
+    with fastattn.use_backend("sdpa"):
+        outs = [fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) for _ in range(2)]
+    ref, _ = reference_attention(q, k, v, mask=mask)
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[1].double(), ref, atol=1e-5, rtol=0)
