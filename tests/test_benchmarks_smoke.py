@@ -129,3 +129,20 @@ def test_overhead_mode_runs_side_by_side_and_writes_its_csv(tmp_path):
         assert 0 < float(r["fastattn_min_us"]) <= float(r["fastattn_p50_us"])
         assert r["threads"] == "1"
     assert "extra" in done.stdout and "sdpa: decode" in done.stdout
+
+
+def test_model_generate_mode_writes_a_ratio_per_model_and_padding(tmp_path):
+    """python -m benchmarks.model --generate, at its smallest: one model, one timed token."""
+    pytest.importorskip("transformers")
+    from benchmarks.model import COLUMNS as MODEL_COLUMNS, main
+
+    csv_path = tmp_path / "model.csv"
+    assert main(["--generate", "--generate-models", "tiny-llama-8L", "--generate-steps", "1", "--repeats", "1",
+                 "--csv", str(csv_path)]) == 0
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == MODEL_COLUMNS
+        rows = list(reader)
+    assert [(r["attention"], r["measure"]) for r in rows] == [
+        (a, f"generate step, {p} padding") for p in ("none", "left") for a in ("sdpa", "fastattn")]
+    assert all(r["status"] == "ok" and r["reason"] == "" and float(r["speed_vs_sdpa"]) > 0 for r in rows), rows
