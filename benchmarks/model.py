@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -267,28 +268,34 @@ GENERATE_MODELS = {
 }
 
 
-def generate_step_ms(model, impl: str, ids, mask, steps: tuple[int, int], repeats: int) -> tuple[float, torch.Tensor]:
-    """Milliseconds per generated token of greedy ``generate`` with ``attn_implementation=impl``:
-    the difference between ``steps[1]`` and ``steps[0]`` new tokens (prefill and set-up cancel
-    out), fastest of ``repeats``; and the tokens of the longer run."""
+def generate_steps_ms(model, impl: str, ids, mask, new_tokens: int) -> tuple[list[float], torch.Tensor]:
+    """One greedy ``generate`` with ``attn_implementation=impl``: the milliseconds of each decode
+    step's forward (mask creation included; the prefill and the token choice left out), and the
+    tokens."""
     from fastattn.integrations import transformers as hf
 
     hf.set_attn_implementation(model, impl)
+    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+    starts, times = [], []
 
-    def run(n):
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0)
-        if ids.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+    def before(module, args, kwargs):
+        sync()
+        starts.append(time.perf_counter())
 
-    with torch.no_grad():
-        run(steps[0])  # warm-up
-        short = min(run(steps[0])[0] for _ in range(repeats))
-        timings = [run(steps[1]) for _ in range(repeats)]
-    long, tokens = min(timings, key=lambda t: t[0])
-    return (long - short) * 1e3 / (steps[1] - steps[0]), tokens
+    def after(module, args, kwargs, output):
+        sync()
+        times.append((time.perf_counter() - starts[-1]) * 1e3)
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return times[1:], tokens  # the first forward is the prefill
 
 
 def generate_main(args, device, info) -> int:
@@ -297,8 +304,7 @@ def generate_main(args, device, info) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batch, prompt = 4, 32
-    steps = (2, 2 + args.generate_steps)
+    batch, prompt, steps = 4, 32, args.generate_steps
     rows = []
     for name, shape in GENERATE_MODELS.items():
         if args.generate_models and name not in args.generate_models:
@@ -306,7 +312,7 @@ def generate_main(args, device, info) -> int:
         config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
                              num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
                              head_dim=shape.head_dim, vocab_size=shape.vocab, rope_theta=shape.rope_theta,
-                             max_position_embeddings=prompt + steps[1] + 1, eos_token_id=None, bos_token_id=None)
+                             max_position_embeddings=prompt + steps + 1, eos_token_id=None, bos_token_id=None)
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype).eval()
@@ -317,17 +323,21 @@ def generate_main(args, device, info) -> int:
             if padding == "left":
                 for row, n in enumerate((0, 5, 13, 21)):
                     mask[row, :n] = 0
-            ms, tokens = {}, {}
-            for round_ in range(2):  # sdpa, fastattn, sdpa, fastattn: drift hits both alike
+            # sdpa, fastattn, sdpa, fastattn, ...: drift hits both alike. Each step's time is its
+            # fastest over the runs (a shared machine only ever adds time), averaged over the steps.
+            steps_ms: dict[str, list[list[float]]] = {"sdpa": [], "fastattn": []}
+            tokens = {}
+            for _ in range(args.repeats + 1):
                 for impl in ("sdpa", "fastattn"):
-                    t, tok = generate_step_ms(model, impl, ids.masked_fill(mask == 0, 0), mask, steps, args.repeats)
-                    ms[impl] = min(ms.get(impl, math.inf), t)
-                    tokens[impl] = tok
+                    t, tokens[impl] = generate_steps_ms(model, impl, ids.masked_fill(mask == 0, 0), mask, steps)
+                    steps_ms[impl].append(t)
+            ms = {impl: statistics.mean(min(step) for step in zip(*runs[1:]))  # the first run warms up
+                  for impl, runs in steps_ms.items()}
             same = torch.equal(tokens["sdpa"], tokens["fastattn"])
             for impl in ("sdpa", "fastattn"):
                 rows.append(dict(info, model=name, layers=shape.layers, dtype=str(dtype).split(".")[-1], attention=impl,
                                  measure=f"generate step, {padding} padding", batch=batch, seqlen=prompt,
-                                 context=prompt + steps[1], status="ok", reason="" if same else "tokens differ",
+                                 context=prompt + steps, status="ok", reason="" if same else "tokens differ",
                                  p50_ms=ms[impl], tokens_per_s=batch / (ms[impl] * 1e-3),
                                  speed_vs_sdpa=ms["sdpa"] / ms[impl]))
             print(f"{name:18} {padding:5} padding: sdpa {ms['sdpa']:8.2f} ms/step  fastattn {ms['fastattn']:8.2f} "
@@ -363,9 +373,9 @@ def main(argv=None) -> int:
     parser.add_argument("--generate", action="store_true",
                         help="greedy generate with Transformers' Llama (a tiny 8-layer one and 2 Llama-3-8B-shaped "
                              "layers), with and without left padding: time per step, sdpa vs fastattn (CPU too)")
-    parser.add_argument("--generate-steps", type=int, default=8, help="tokens timed per generate run (default 8)")
+    parser.add_argument("--generate-steps", type=int, default=16, help="new tokens per generate run (default 16)")
     parser.add_argument("--generate-models", nargs="*", choices=list(GENERATE_MODELS), help="only these models")
-    parser.add_argument("--repeats", type=int, default=3, help="--generate: runs per timing, fastest kept")
+    parser.add_argument("--repeats", type=int, default=5, help="--generate: timed runs per attention (default 5)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "model.csv")
     parser.add_argument("--run-timestamp", help="label the rows with this run timestamp (to join runs of one check)")

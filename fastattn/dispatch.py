@@ -280,11 +280,14 @@ def explain_call(call: AttentionCall) -> Explanation:
 def select(call: AttentionCall) -> Backend:
     """The backend that runs ``call``; raises :class:`UnsupportedError` when a forced
     or strict choice cannot be honoured."""
-    decision = explain_call(call)
+    return _REGISTRY[_chosen(explain_call(call))]
+
+
+def _chosen(decision: Explanation) -> str:
     if decision.chosen is None:
         what = f"backend {decision.forced!r} was forced" if decision.forced else "FASTATTN_STRICT=1 forbids falling back to sdpa"
         raise UnsupportedError(f"{what} but cannot run this call.\n{decision}")
-    return _REGISTRY[decision.chosen]
+    return decision.chosen
 
 
 # --------------------------------------------------------------------------- plans (the host's fast path)
@@ -335,8 +338,11 @@ def plan(call: AttentionCall, signature: Optional[tuple], layout: object = None,
     """Choose the backend for a validated ``call`` (raising as :func:`select` does) and keep the
     choice for later calls with the same ``signature`` (None: keep nothing). ``as_is``: the call's
     tensors are the front end's arguments themselves, so torch's SDPA may be given those."""
-    backend = select(call)
-    decision = explain_call(call)  # select's, from the cache
+    decision = explain_call(call)
+    backend = _REGISTRY[_chosen(decision)]
+    runner = backend.as_is_runner(call) if as_is and isinstance(backend, SDPABackend) else None
+    if signature is None or torch.compiler.is_compiling():
+        return Plan(backend, call.features, layout, runner)
     relies_on = []
     for name, reasons in decision.verdicts:
         candidate = _REGISTRY[name]
@@ -345,10 +351,8 @@ def plan(call: AttentionCall, signature: Optional[tuple], layout: object = None,
             relies_on.append((candidate, available))
         if name == decision.chosen:
             break
-    runner = backend.as_is_runner(call) if as_is and isinstance(backend, SDPABackend) else None
     made = Plan(backend, call.features, layout, runner, tuple(relies_on))
-    if signature is not None and not torch.compiler.is_compiling():
-        if len(_plans) >= MAX_PLANS:
-            _plans.clear()
-        _plans[_key(signature)] = made
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[_key(signature)] = made
     return made
