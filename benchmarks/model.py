@@ -327,8 +327,8 @@ def generate_main(args, device, info) -> int:
             # fastest over the runs (a shared machine only ever adds time), averaged over the steps.
             steps_ms: dict[str, list[list[float]]] = {"sdpa": [], "fastattn": []}
             tokens = {}
-            for _ in range(args.repeats + 1):
-                for impl in ("sdpa", "fastattn"):
+            for run in range(args.repeats + 1):
+                for impl in ("sdpa", "fastattn") if run % 2 else ("fastattn", "sdpa"):  # neither always first
                     t, tokens[impl] = generate_steps_ms(model, impl, ids.masked_fill(mask == 0, 0), mask, steps)
                     steps_ms[impl].append(t)
             ms = {impl: statistics.mean(min(step) for step in zip(*runs[1:]))  # the first run warms up
