@@ -468,13 +468,14 @@ def test_decode_mask_is_sdpa_masks(padded, skip, batch):
             assert ours.shape == ref.shape and torch.equal(ours, ref), args
 
 
-@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 7), (1, 1, 1, 7), (2, 4, 1, 7)], ids=["per-batch", "shared", "per-head"])
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1), (1, 1, 1), (2, 4, 1)], ids=["per-batch", "shared", "per-head"])
 def test_packed_gqa_decode_with_a_mask_gives_the_reference(mask_shape):
     """A GQA decode step with a key-padding mask runs as packed query rows per key/value head
     (as Transformers does); a mask that differs per head is not packed. Both give the reference."""
+    S = fastattn.backends.sdpa.PACK_MIN_KEYS + 3
     q = torch.randn(2, 4, 1, 16, device=DEVICE)
-    k, v = torch.randn(2, 2, 7, 16, device=DEVICE), torch.randn(2, 2, 7, 16, device=DEVICE)
-    mask = torch.rand(mask_shape, device=DEVICE) > 0.4
+    k, v = torch.randn(2, 2, S, 16, device=DEVICE), torch.randn(2, 2, S, 16, device=DEVICE)
+    mask = torch.rand(mask_shape + (S,), device=DEVICE) > 0.4
     mask[..., -1] = True
     call, _ = from_sdpa_args(q, k, v, mask, enable_gqa=True)
     runner = fastattn.backends.sdpa.SDPABackend().as_is_runner(call)
