@@ -304,7 +304,7 @@ def generate_main(args, device, info) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batch, prompt, steps = 4, 32, args.generate_steps
+    batch, prompt, steps = 4, 32, max(args.generate_steps, 2)  # the first new token comes from the prefill
     rows = []
     for name, shape in GENERATE_MODELS.items():
         if args.generate_models and name not in args.generate_models:

@@ -132,12 +132,12 @@ def test_overhead_mode_runs_side_by_side_and_writes_its_csv(tmp_path):
 
 
 def test_model_generate_mode_writes_a_ratio_per_model_and_padding(tmp_path):
-    """python -m benchmarks.model --generate, at its smallest: one model, one timed token."""
+    """python -m benchmarks.model --generate, at its smallest: one model, one timed step."""
     pytest.importorskip("transformers")
     from benchmarks.model import COLUMNS as MODEL_COLUMNS, main
 
     csv_path = tmp_path / "model.csv"
-    assert main(["--generate", "--generate-models", "tiny-llama-8L", "--generate-steps", "1", "--repeats", "1",
+    assert main(["--generate", "--generate-models", "tiny-llama-8L", "--generate-steps", "2", "--repeats", "1",
                  "--csv", str(csv_path)]) == 0
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
