@@ -14,8 +14,9 @@
 #             stage that compiles the CUDA extension: FASTATTN_CUDA_JIT=0 elsewhere)
 #   env       nvidia-smi, versions, fastattn's backends                    -> env.txt
 #   fastattn  python -m fastattn (backend health, self-check)              -> env.txt
-#   tests-triton  pytest -v -n 8 -k "not cuda": kernel/front-end/dispatch/compile/Transformers -> tests.log
-#   tests-cuda    pytest -v -n 8: test_cuda_backend.py + test_kernel.py -k cuda     -> tests.log
+#   tests-triton  pytest -v -n 8 -k "not cuda": kernel/front-end/dispatch/compile/Transformers,
+#                 CUDA graphs and the host's fast path                              -> tests.log
+#   tests-cuda    pytest -v -n 8: test_cuda_backend.py + test_kernel.py + test_graphs.py -k cuda -> tests.log
 #   bench     python -m benchmarks.attention --grid key kernels (ceilings first) -> bench.csv
 #   flex      the same cases for FlexAttention (compiles per shape: last)  -> bench.csv
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
@@ -178,8 +179,9 @@ if [ -n "${TEST_FILES:-}" ]; then  # an explicit selection: one run over it, no 
   TEST_RUNS=("tests|||${FILES[*]}")
 else
   TEST_RUNS=("tests-triton|not cuda|90|$(existing tests/test_kernel.py tests/test_frontend.py tests/test_dispatch.py \
-                tests/test_compile.py tests/test_transformers*.py tests/test_torch_sdpa.py | tr '\n' ' ')"
-             "tests-cuda|cuda|60|$(existing tests/test_cuda_backend.py tests/test_kernel.py | tr '\n' ' ')")
+                tests/test_compile.py tests/test_transformers*.py tests/test_torch_sdpa.py tests/test_graphs.py \
+                tests/test_hostcost.py | tr '\n' ' ')"
+             "tests-cuda|cuda|60|$(existing tests/test_cuda_backend.py tests/test_kernel.py tests/test_graphs.py | tr '\n' ' ')")
 fi
 # name|-k expression|per-test timeout|files -> WANT RESERVE MIN of the stage (dry run: collection only)
 test_run() {

@@ -6,6 +6,8 @@ peak memory of a padded batch, with torch SDPA vs fastattn as the attention.
     python -m benchmarks.model --transformers       # the same with Transformers' LlamaForCausalLM,
                                                     # attn_implementation "sdpa" vs "fastattn"
     python -m benchmarks.model --tiny               # CPU-sized dry run of the same code
+    python -m benchmarks.model --generate --threads 1   # greedy generate per step, sdpa vs fastattn
+                                                    # (a tiny 8-layer Llama, 2 Llama-3-8B layers; CPU too)
 
 By default the model is written out here (embedding, RMSNorm, RoPE, GQA attention, SwiGLU
 MLP, a static KV cache) so that the one thing that differs between the two runs
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -254,6 +257,97 @@ def fastattn_choices(fn) -> list[str]:
     return seen
 
 
+# --------------------------------------------------------------------------- greedy generation (CPU or GPU)
+
+# The models of issue #12's CPU benchmark: a tiny Llama with 8 layers and GQA, and 2 layers of
+# Llama-3-8B's dimensions (the vocabulary cut to 32k so that the fp32 model fits a dev box: it
+# only sizes the embedding and the head, which do not touch attention).
+GENERATE_MODELS = {
+    "tiny-llama-8L": Shape(hidden=256, heads=8, kv_heads=2, head_dim=32, ffn=512, vocab=1000, layers=8),
+    "llama3-8b-dims-2L": Shape(layers=2, vocab=32000),
+}
+
+
+def generate_steps_ms(model, impl: str, ids, mask, new_tokens: int) -> tuple[list[float], torch.Tensor]:
+    """One greedy ``generate`` with ``attn_implementation=impl``: the milliseconds of each decode
+    step's forward (mask creation included; the prefill and the token choice left out), and the
+    tokens."""
+    from fastattn.integrations import transformers as hf
+
+    hf.set_attn_implementation(model, impl)
+    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+    starts, times = [], []
+
+    def before(module, args, kwargs):
+        sync()
+        starts.append(time.perf_counter())
+
+    def after(module, args, kwargs, output):
+        sync()
+        times.append((time.perf_counter() - starts[-1]) * 1e3)
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return times[1:], tokens  # the first forward is the prefill
+
+
+def generate_main(args, device, info) -> int:
+    """``--generate``: per-step time of greedy generation, sdpa vs fastattn, each model with and
+    without left padding, the two attentions alternating in one run; a table and CSV rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch, prompt, steps = 4, 32, max(args.generate_steps, 2)  # the first new token comes from the prefill
+    rows = []
+    for name, shape in GENERATE_MODELS.items():
+        if args.generate_models and name not in args.generate_models:
+            continue
+        config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
+                             num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                             head_dim=shape.head_dim, vocab_size=shape.vocab, rope_theta=shape.rope_theta,
+                             max_position_embeddings=prompt + steps + 1, eos_token_id=None, bos_token_id=None)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(dtype).eval()
+        model.generation_config.eos_token_id = None
+        ids = torch.randint(1, shape.vocab, (batch, prompt), device=device)
+        for padding in ("none", "left"):
+            mask = torch.ones(batch, prompt, dtype=torch.long, device=device)
+            if padding == "left":
+                for row, n in enumerate((0, 5, 13, 21)):
+                    mask[row, :n] = 0
+            # sdpa, fastattn, sdpa, fastattn, ...: drift hits both alike. Each step's time is its
+            # fastest over the runs (a shared machine only ever adds time), averaged over the steps.
+            steps_ms: dict[str, list[list[float]]] = {"sdpa": [], "fastattn": []}
+            tokens = {}
+            for run in range(args.repeats + 1):
+                for impl in ("sdpa", "fastattn") if run % 2 else ("fastattn", "sdpa"):  # neither always first
+                    t, tokens[impl] = generate_steps_ms(model, impl, ids.masked_fill(mask == 0, 0), mask, steps)
+                    steps_ms[impl].append(t)
+            ms = {impl: statistics.mean(min(step) for step in zip(*runs[1:]))  # the first run warms up
+                  for impl, runs in steps_ms.items()}
+            same = torch.equal(tokens["sdpa"], tokens["fastattn"])
+            for impl in ("sdpa", "fastattn"):
+                rows.append(dict(info, model=name, layers=shape.layers, dtype=str(dtype).split(".")[-1], attention=impl,
+                                 measure=f"generate step, {padding} padding", batch=batch, seqlen=prompt,
+                                 context=prompt + steps, status="ok", reason="" if same else "tokens differ",
+                                 p50_ms=ms[impl], tokens_per_s=batch / (ms[impl] * 1e-3),
+                                 speed_vs_sdpa=ms["sdpa"] / ms[impl]))
+            print(f"{name:18} {padding:5} padding: sdpa {ms['sdpa']:8.2f} ms/step  fastattn {ms['fastattn']:8.2f} "
+                  f"ms/step  fastattn/sdpa {ms['fastattn'] / ms['sdpa']:.3f}x  same tokens: {same}", flush=True)
+            append_rows(args.csv, rows[-2:], COLUMNS)
+        del model
+    print(f"csv: {args.csv}")
+    return 0 if all(r["reason"] == "" for r in rows) else 1
+
+
 COLUMNS = ["timestamp", "commit", "device", "torch", "triton", "cuda", "model", "layers", "dtype", "attention",
            "measure", "batch", "seqlen", "context", "status", "reason", "p50_ms", "tokens_per_s", "peak_mem_mb",
            "speed_vs_sdpa"]
@@ -276,11 +370,27 @@ def main(argv=None) -> int:
                         help="Transformers' LlamaForCausalLM with attn_implementation sdpa vs fastattn")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: profile one decode step per attention (host time, top kernels and host ops)")
+    parser.add_argument("--generate", action="store_true",
+                        help="greedy generate with Transformers' Llama (a tiny 8-layer one and 2 Llama-3-8B-shaped "
+                             "layers), with and without left padding: time per step, sdpa vs fastattn (CPU too)")
+    parser.add_argument("--generate-steps", type=int, default=16, help="new tokens per generate run (default 16)")
+    parser.add_argument("--generate-models", nargs="*", choices=list(GENERATE_MODELS), help="only these models")
+    parser.add_argument("--repeats", type=int, default=5, help="--generate: timed runs per attention (default 5)")
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "model.csv")
     parser.add_argument("--run-timestamp", help="label the rows with this run timestamp (to join runs of one check)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.generate:
+        info = run_info(device)
+        if args.run_timestamp:
+            info["timestamp"] = args.run_timestamp
+        print(f"greedy generate on {info['device']} ({torch.get_num_threads()} threads): ms per new token, "
+              f"batch 4, prompt 32", flush=True)
+        return generate_main(args, device, info)
     tiny = args.tiny or device.type == "cpu"
     shape = TINY if tiny else Shape(layers=args.layers)
     pb, pl = args.prefill or ((2, 128) if tiny else (4, 2048))

@@ -1,10 +1,37 @@
 """Environment switches read in more than one place."""
 import os
 
+# The variables a backend choice reads (dispatch.py): FASTATTN_BACKEND, FASTATTN_STRICT, and
+# TRITON_INTERPRET (interpreting()).
+DECISION_VARIABLES = ("FASTATTN_BACKEND", "FASTATTN_STRICT", "TRITON_INTERPRET")
+
 
 def interpreting() -> bool:
     """True when Triton kernels run through the Triton interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _raw_reader(names: tuple[str, ...]):
+    """A function returning the raw values of ``names`` in ``os.environ``, as a tuple to key a
+    cache on. ``os.environ.get`` costs about 0.7 us a variable (it encodes the name each time);
+    CPython's ``os.environ`` keeps its items in ``_data`` under encoded names, which every
+    ``os.environ[...] = ...`` / ``del`` / ``putenv`` through os.environ updates, so reading that
+    dict with the names encoded once sees the same changes for a twentieth of the cost."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    encode = getattr(environ, "encodekey", None)
+    if not isinstance(data, dict) or encode is None:  # not CPython's os._Environ: the public way
+        return lambda: tuple(environ.get(name) for name in names)
+    keys = tuple(encode(name) for name in names)
+    get = data.get
+    if len(keys) == 3:  # the common case, spelled out: no generator per call
+        a, b, c = keys
+        return lambda: (get(a), get(b), get(c))
+    return lambda: tuple(get(key) for key in keys)
+
+
+decision_environment = _raw_reader(DECISION_VARIABLES)
+decision_environment.__doc__ = "The raw values of DECISION_VARIABLES (None where unset), cheaply."
 
 
 def constant_while_tracing(fn):

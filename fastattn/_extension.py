@@ -16,8 +16,9 @@ The contract, one line per case:
   so). Choosing a backend never builds. ``FASTATTN_CUDA_JIT=0`` turns the JIT build off.
 - The JIT cache lives in ``$FASTATTN_CACHE_DIR`` (default ``~/.cache/fastattn``), one
   directory per (fastattn version, torch version, CUDA version, architectures, head dims,
-  hash of csrc/), built under a file lock so concurrent processes build it once. A failed
-  build leaves ``build_failed.txt`` there and is not retried by every process; run
+  hash of csrc/ and of the compile and link flags: what changes the binary, not this file),
+  built under a file lock so concurrent processes build it once. A failed build leaves
+  ``build_failed.txt`` there and is not retried by every process; run
   ``python -m fastattn build`` to retry (and to see the compiler output).
 - ``FASTATTN_CUDA_ARCHS`` ("8.0;9.0+PTX", as TORCH_CUDA_ARCH_LIST) and
   ``FASTATTN_CUDA_HEAD_DIMS`` ("64,128") limit what is compiled. The JIT default is the
@@ -293,14 +294,18 @@ def _fastattn_version() -> str:
         return "dev"
 
 
-def _source_hash() -> str:
-    """The sources and the recipe (this file: flags, link arguments), so that a fix to either
-    rebuilds a cached library."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
+def _source_hash(archs: Sequence[str], head_dims: Sequence[int]) -> str:
+    """What the binary is made of besides the versions and architectures in the directory's name:
+    the sources under csrc/ and the compiler's and linker's flags. Not this file: a comment or a
+    fix to the loader must not rebuild every user's extension (only what changes the binary does)."""
+    h = hashlib.sha256()
     for path in sorted(CSRC.rglob("*")):
-        if path.suffix in (".cu", ".cuh", ".h", ".cpp") and path.is_file():
+        if path.suffix in (".cu", ".cuh", ".h", ".hpp", ".cpp") and path.is_file():
             h.update(str(path.relative_to(CSRC)).encode())
             h.update(path.read_bytes())
+    # The CUTLASS include directory differs between machines without changing the binary.
+    flags = compile_flags(archs, head_dims, "<cutlass>")
+    h.update(repr((flags.cxx, flags.nvcc, flags.ld)).encode())
     return h.hexdigest()[:12]
 
 
@@ -316,7 +321,7 @@ def build_dir(archs: Sequence[str], head_dims: Sequence[int]) -> Path:
 
     arch_key = "-".join(a.replace(".", "").replace("+PTX", "ptx") for a in archs)
     key = (f"fastattn{_fastattn_version()}-torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}"
-           f"-sm{arch_key}-hd{'_'.join(map(str, head_dims))}-src{_source_hash()}")
+           f"-sm{arch_key}-hd{'_'.join(map(str, head_dims))}-src{_source_hash(archs, head_dims)}")
     return cache_root() / "cuda-ext" / re.sub(r"[^A-Za-z0-9_.+-]", "_", key)
 
 
@@ -535,9 +540,7 @@ def reset() -> None:
     global _status
     with _lock:
         _status = None
-    from . import dispatch  # its cached decisions quote the old status
-
-    dispatch.clear_cache()
+    # Nothing else to clear: dispatch keys its cached decisions on the backends' availability.
 
 
 def _aot_library() -> Optional[Path]:

@@ -7,18 +7,19 @@ import contextvars
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from . import _device
-from ._env import constant_while_tracing, interpreting
+from ._env import constant_while_tracing, decision_environment, interpreting
 from .backends.base import BACKWARD, Backend
 from .backends.sdpa import SDPABackend
 from .backends.triton import TritonBackend
 from .inputs import HALF_DTYPES, AttentionCall, Features
 
-__all__ = ["UnsupportedError", "Explanation", "use_backend", "select", "explain_call", "registered_backends", "register_backend"]
+__all__ = ["UnsupportedError", "Explanation", "Plan", "use_backend", "select", "explain_call", "plan", "cached_plan",
+           "registered_backends", "register_backend"]
 
 
 class UnsupportedError(RuntimeError):
@@ -26,16 +27,21 @@ class UnsupportedError(RuntimeError):
 
 
 _REGISTRY: dict[str, Backend] = {}
+_plans: dict[tuple, "Plan"] = {}  # (signature, state) -> Plan; see plan()
+MAX_PLANS = 4096  # then start afresh: decode with a growing cache makes a new signature per step
 
 
 def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
+    _backends[:] = _REGISTRY.values()
     clear_cache()
 
 
 def clear_cache() -> None:
-    """Forget cached decisions (after a backend's availability changed)."""
+    """Forget cached decisions and plans (the registry changed). Nothing else needs this: what
+    a decision reads (backends' availability included) is part of its cache key."""
     _decide.cache_clear()
+    _plans.clear()
 
 
 def registered_backends() -> dict[str, Backend]:
@@ -118,9 +124,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _prepare(name: str) -> None:
-    """A forced backend may get ready first (the cuda backend builds its extension)."""
-    if _REGISTRY[name].prepare():
-        clear_cache()
+    """A forced backend may get ready first (the cuda backend builds its extension). What that
+    changes shows in its availability, which the cached decisions are keyed on."""
+    _REGISTRY[name].prepare()
 
 
 def forced_backend() -> Optional[str]:
@@ -134,16 +140,35 @@ def _strict() -> bool:
     return os.environ.get("FASTATTN_STRICT", "0").strip().lower() in ("1", "true", "yes")
 
 
+# torch.backends.cuda's getters call these; called directly they cost a quarter (the plan key reads them)
+_SDP_FLAGS = tuple(
+    (name, getattr(torch._C, private, None) or getattr(torch.backends.cuda, public))
+    for name, private, public in (
+        ("FLASH_ATTENTION", "_get_flash_sdp_enabled", "flash_sdp_enabled"),
+        ("EFFICIENT_ATTENTION", "_get_mem_efficient_sdp_enabled", "mem_efficient_sdp_enabled"),
+        ("MATH", "_get_math_sdp_enabled", "math_sdp_enabled"),
+        ("CUDNN_ATTENTION", "_get_cudnn_sdp_enabled", "cudnn_sdp_enabled"),
+    )
+)
+
+
 @constant_while_tracing  # read while tracing (torch.compile cannot trace the flag getters)
 def torch_restriction() -> tuple[str, ...]:
     """The SDPA backends torch was told not to use (``torch.nn.attention.sdpa_kernel``)."""
-    flags = {
-        "FLASH_ATTENTION": torch.backends.cuda.flash_sdp_enabled,
-        "EFFICIENT_ATTENTION": torch.backends.cuda.mem_efficient_sdp_enabled,
-        "MATH": torch.backends.cuda.math_sdp_enabled,
-        "CUDNN_ATTENTION": torch.backends.cuda.cudnn_sdp_enabled,
-    }
-    return tuple(name for name, enabled in flags.items() if not enabled())
+    return tuple(name for name, enabled in _SDP_FLAGS if not enabled())
+
+
+_flash_sdp, _efficient_sdp, _math_sdp, _cudnn_sdp = (enabled for _, enabled in _SDP_FLAGS)  # for _key()
+
+
+@constant_while_tracing  # the backends' own checks import and lock
+def availability() -> tuple[tuple[str, ...], ...]:
+    """Every registered backend's :meth:`Backend.availability`, in registry order. Part of every
+    cached decision's key: an extension built or reset shows here, so no cache needs clearing."""
+    return tuple([tuple(backend.availability()) for backend in _backends])
+
+
+_backends: list[Backend] = []  # _REGISTRY's values, kept by register_backend (a view of a dict costs more)
 
 
 # --------------------------------------------------------------------------- decisions
@@ -228,7 +253,8 @@ def _verdicts(features: Features, forced: Optional[str], restriction: tuple[str,
 
 @functools.lru_cache(maxsize=4096)
 def _decide(features: Features, forced: Optional[str], strict: bool, restriction: tuple[str, ...],
-            interpret: bool) -> Explanation:
+            interpret: bool, available: tuple[tuple[str, ...], ...]) -> Explanation:
+    # ``interpret`` and ``available`` are read by the backends' reasons: here they key the cache.
     verdicts = _verdicts(features, forced, restriction)
     if forced is not None:
         chosen = forced if not dict(verdicts)[forced] else None
@@ -271,14 +297,85 @@ def explain_call(call: AttentionCall) -> Explanation:
     # While torch.compile traces, the decision is worked out afresh (and baked into the graph):
     # Dynamo ignores lru_cache, and warns when it meets one.
     decide = _decide.__wrapped__ if torch.compiler.is_compiling() else _decide
-    return decide(call.features, forced, _strict(), torch_restriction(), interpreting())
+    return decide(call.features, forced, _strict(), torch_restriction(), interpreting(), availability())
 
 
 def select(call: AttentionCall) -> Backend:
     """The backend that runs ``call``; raises :class:`UnsupportedError` when a forced
     or strict choice cannot be honoured."""
-    decision = explain_call(call)
+    return _REGISTRY[_chosen(explain_call(call))]
+
+
+def _chosen(decision: Explanation) -> str:
     if decision.chosen is None:
         what = f"backend {decision.forced!r} was forced" if decision.forced else "FASTATTN_STRICT=1 forbids falling back to sdpa"
         raise UnsupportedError(f"{what} but cannot run this call.\n{decision}")
-    return _REGISTRY[decision.chosen]
+    return decision.chosen
+
+
+# --------------------------------------------------------------------------- plans (the host's fast path)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a front end worked out for one call, kept for the calls with the same signature
+    (``inputs.sdpa_signature``...) in the same state (see :func:`_key`): the backend, the call's
+    features, the front end's own ``layout``, and -- where the sdpa backend would hand the
+    tensors to torch's SDPA unchanged -- a function that does so (``as_is``).
+
+    ``relies_on``: the backends whose availability the choice rests on, with what it was: the
+    chosen one, and any ahead of it that nothing but its availability kept out. Whenever one of
+    them says otherwise the plan is not used (no cache is cleared from outside: the
+    availability is part of what the plan depends on). Reading it for these few instead of every
+    backend saves most of a microsecond per call."""
+
+    backend: Backend
+    features: Features
+    layout: object = None
+    as_is: Optional[Callable] = None
+    relies_on: tuple = ()  # ((backend, its availability() list), ...)
+
+
+def _key(signature: tuple) -> tuple:
+    """A plan's key: the call's signature and the rest of what a decision reads but backends'
+    availability (see Plan.relies_on) -- the forced backend, the environment (FASTATTN_BACKEND,
+    FASTATTN_STRICT, TRITON_INTERPRET) and torch's four SDPA switches."""
+    return (signature, _forced.get(), decision_environment(), _flash_sdp(), _efficient_sdp(), _math_sdp(),
+            _cudnn_sdp())
+
+
+def cached_plan(signature: Optional[tuple]) -> Optional[Plan]:
+    """The plan made for an earlier call with this signature in the present state, or None."""
+    if signature is None:
+        return None
+    plan = _plans.get(_key(signature))
+    if plan is None:
+        return None
+    for backend, available in plan.relies_on:
+        if backend.availability() != available:
+            return None
+    return plan
+
+
+def plan(call: AttentionCall, signature: Optional[tuple], layout: object = None, as_is: bool = False) -> Plan:
+    """Choose the backend for a validated ``call`` (raising as :func:`select` does) and keep the
+    choice for later calls with the same ``signature`` (None: keep nothing). ``as_is``: the call's
+    tensors are the front end's arguments themselves, so torch's SDPA may be given those."""
+    decision = explain_call(call)
+    backend = _REGISTRY[_chosen(decision)]
+    runner = backend.as_is_runner(call) if as_is and isinstance(backend, SDPABackend) else None
+    if signature is None or torch.compiler.is_compiling():
+        return Plan(backend, call.features, layout, runner)
+    relies_on = []
+    for name, reasons in decision.verdicts:
+        candidate = _REGISTRY[name]
+        available = candidate.availability()
+        if name == decision.chosen or all(reason in available for reason in reasons):
+            relies_on.append((candidate, available))
+        if name == decision.chosen:
+            break
+    made = Plan(backend, call.features, layout, runner, tuple(relies_on))
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[_key(signature)] = made
+    return made

@@ -6,7 +6,11 @@ import torch
 from . import dispatch
 from dataclasses import replace
 
-from .inputs import AttentionCall, from_flash_args, from_kvcache_args, from_sdpa_args, from_varlen_args
+from .inputs import (AttentionCall, check_sdpa_args, flash_call, flash_signature, from_flash_args, from_kvcache_args,
+                     from_sdpa_args, from_varlen_args, holds_as_is, sdpa_call, sdpa_signature)
+
+
+_compiling = torch.compiler.is_compiling
 
 
 def _run(call: AttentionCall):
@@ -25,9 +29,24 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query. Runs the best fastattn kernel for the inputs and falls back to torch's
     SDPA where none applies; ``fastattn.explain`` says which and why.
     """
-    call, lead = from_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    out, _ = _run(call)
-    return out.reshape(*lead, call.seqlen_q, call.v.shape[-1])
+    # A call like an earlier one (same signature: shapes, strides, dtypes, devices, flags) in the
+    # same dispatch state reuses its checks and decision; see inputs.sdpa_signature, dispatch.Plan.
+    signature = None if _compiling() else sdpa_signature(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    plan = dispatch.cached_plan(signature)
+    if plan is None:
+        call, layout = check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        plan = dispatch.plan(call, signature, layout, as_is=holds_as_is(call, query, key, value, attn_mask))
+    elif plan.as_is is not None:
+        return plan.as_is(query, key, value, attn_mask, dropout_p, scale)
+    else:
+        layout = plan.layout
+        call = sdpa_call(query, key, value, attn_mask, layout, dropout_p=dropout_p, causal=is_causal,
+                         features=plan.features)
+    out, _ = plan.backend.run(call)
+    if len(layout.lead) == 2:
+        return out  # (B, H, L, Ev) already
+    return out.reshape(*layout.lead, call.seqlen_q, call.v.shape[-1])
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -49,9 +68,20 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     that require grad) runs both directions on torch's SDPA / exact math (``explain_flash`` says
     why). ``deterministic`` is accepted for compatibility: both kernels are deterministic.
     """
-    call = from_flash_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           return_lse=return_attn_probs)
-    out, lse = _run(call)
+    signature = None if _compiling() else flash_signature(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    plan = dispatch.cached_plan(signature)
+    if plan is None:
+        call = from_flash_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                               return_lse=return_attn_probs)
+        plan = dispatch.plan(call, signature, layout=call.scale, as_is=True)
+    elif plan.as_is is not None:  # torch's SDPA on the (B, H, L, E) views, as the sdpa backend would call it
+        out = plan.as_is(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, dropout_p, softmax_scale)
+        return out.transpose(1, 2).contiguous()
+    else:
+        call = flash_call(q, k, v, dropout_p, plan.layout, causal, window_size, softcap, alibi_slopes,
+                          return_attn_probs, features=plan.features)
+    out, lse = plan.backend.run(call)
     out = out.transpose(1, 2).contiguous()  # a no-op for the kernels, which write in q's layout
     if return_attn_probs:
         return out, lse, None

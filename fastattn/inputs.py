@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 __all__ = ["AttentionCall", "Features", "InvalidInputError", "from_sdpa_args", "from_flash_args", "with_extras",
-           "from_varlen_args", "from_kvcache_args", "window_pair"]
+           "from_varlen_args", "from_kvcache_args", "window_pair",
+           "SDPALayout", "check_sdpa_args", "sdpa_call", "holds_as_is", "flash_call", "sdpa_signature", "flash_signature"]
 
 
 class InvalidInputError(ValueError, RuntimeError):
@@ -327,6 +328,13 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     Returns the call and the output's leading shape (the result is
     ``(*lead, L, Ev)``).
     """
+    call, layout = check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return call, layout.lead
+
+
+def check_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False) -> tuple[AttentionCall, "SDPALayout"]:
+    """:func:`from_sdpa_args`, returning the call's whole :class:`SDPALayout`."""
     _check_tensors(("query", "key", "value"), (query, key, value))
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:
@@ -362,7 +370,6 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         lead = _broadcast([query.shape[:-2], key.shape[:-2], value.shape[:-2]], "the batch/head dims of query, key and value")
         kv_lead = lead
 
-    mask = None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -379,18 +386,43 @@ def from_sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
             raise InvalidInputError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {(*lead, L, S)}"
             )
-        mask = _mask_to_4d(attn_mask, lead, L, S)
 
+    layout = SDPALayout(lead, kv_lead, _check_scale(scale, query.shape[-1]))
+    return sdpa_call(query, key, value, attn_mask, layout, dropout_p=dropout_p, causal=is_causal), layout
+
+
+@dataclass(frozen=True)
+class SDPALayout:
+    """How SDPA-style tensors of one signature become an AttentionCall's: the broadcast
+    leading dims of the query and of key/value, and the scale (the default filled in)."""
+
+    lead: tuple[int, ...]
+    kv_lead: tuple[int, ...]
+    scale: float
+
+
+def sdpa_call(query, key, value, attn_mask, layout: SDPALayout, *, dropout_p: float = 0.0, causal: bool = False,
+              window: tuple[int, int] = (-1, -1), softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+              features: Optional[Features] = None) -> AttentionCall:
+    """The AttentionCall of SDPA-style arguments that have been checked (by :func:`from_sdpa_args`,
+    or by a call with the same :func:`sdpa_signature`, whose ``layout`` and ``features`` these are)."""
+    L, S = query.shape[-2], key.shape[-2]
+    lead, kv_lead = layout.lead, layout.kv_lead
     call = AttentionCall(
         q=_to_4d(query, lead, (L, query.shape[-1])),
         k=_to_4d(key, kv_lead, (S, key.shape[-1])),
         v=_to_4d(value, kv_lead, (S, value.shape[-1])),
-        scale=_check_scale(scale, query.shape[-1]),
-        mask=mask,
-        causal=is_causal,
+        scale=layout.scale,
+        mask=None if attn_mask is None else _mask_to_4d(attn_mask, lead, L, S),
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        sinks=sinks,
         dropout_p=dropout_p,
     )
-    return call, lead
+    if features is not None:
+        call.__dict__["_features"] = features
+    return call
 
 
 def _mask_to_4d(mask: torch.Tensor, lead: tuple[int, ...], L: int, S: int) -> torch.Tensor:
@@ -405,6 +437,12 @@ def _mask_to_4d(mask: torch.Tensor, lead: tuple[int, ...], L: int, S: int) -> to
     batch = full[:-3]
     m = m.expand(*batch, m.shape[-3], L if m.shape[-2] != 1 else 1, S if m.shape[-1] != 1 else 1)
     return m.reshape(-1, *m.shape[-3:])
+
+
+def holds_as_is(call: AttentionCall, query, key, value, attn_mask) -> bool:
+    """True when the call's q, k, v and mask are these tensors themselves (4-d, nothing broadcast
+    or reshaped), so that a kernel given the tensors sees what it would see given the call."""
+    return call.q is query and call.k is key and call.v is value and call.mask is attn_mask
 
 
 def with_extras(call: AttentionCall, *, causal: bool = False, window=(-1, -1), softcap=0.0,
@@ -458,7 +496,6 @@ def from_flash_args(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         raise InvalidInputError(f"window_size entries must be >= -1 (-1 = unbounded), got {(left, right)}")
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
         raise InvalidInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
-    slopes = None
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
             raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
@@ -466,31 +503,104 @@ def from_flash_args(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             raise InvalidInputError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
         if alibi_slopes.device != q.device:
             raise InvalidInputError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
-        if tuple(alibi_slopes.shape) == (Hq,):
-            slopes = alibi_slopes.unsqueeze(0)
-        elif tuple(alibi_slopes.shape) == (B, Hq):
-            slopes = alibi_slopes
-        else:
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
             raise InvalidInputError(
                 f"alibi_slopes must have shape (nheads,) = ({Hq},) or (batch, nheads) = ({B}, {Hq}); "
                 f"got {tuple(alibi_slopes.shape)}"
             )
-    # flash-attn treats causal as window (-1, 0).
-    if causal:
+    return flash_call(q, k, v, dropout_p, _check_scale(softmax_scale, E), causal, (left, right), float(softcap),
+                      alibi_slopes, return_lse)
+
+
+def flash_call(q, k, v, dropout_p: float, scale: float, causal: bool, window_size: tuple[int, int], softcap: float,
+               alibi_slopes: Optional[torch.Tensor], return_lse: bool,
+               features: Optional[Features] = None) -> AttentionCall:
+    """The AttentionCall of ``flash_attn_func`` arguments that have been checked (by
+    :func:`from_flash_args`, or by a call with the same :func:`flash_signature`, whose
+    ``features`` these are), with the scale filled in."""
+    left, right = window_size
+    if causal:  # flash-attn treats causal as window (-1, 0)
         right = 0
-    return AttentionCall(
+    call = AttentionCall(
         q=q.transpose(1, 2),
         k=k.transpose(1, 2),
         v=v.transpose(1, 2),
-        scale=_check_scale(softmax_scale, E),
+        scale=scale,
         causal=causal,
         lower_right=True,
         window=(left, right),
-        softcap=float(softcap),
-        alibi_slopes=slopes,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 2 else alibi_slopes.unsqueeze(0),
         dropout_p=dropout_p,
         want_lse=return_lse,
     )
+    if features is not None:
+        call.__dict__["_features"] = features
+    return call
+
+
+# --------------------------------------------------------------------------- signatures
+#
+# A repeated call should not pay for its checks again. A signature is everything the checks
+# above and AttentionCall.features read from a call's arguments, as one hashable tuple: two
+# calls with equal signatures pass or fail the same checks and have equal features, so the
+# front ends cache what the first one worked out (dispatch.Plan) under its signature. A
+# call that fails a check is never cached, so it raises the same error every time.
+# A call that certainly fails a check (k's dtype or device differs from q's) gets no signature
+# (None), which keeps the tuple short; so do arguments of unusual types (tensor subclasses,
+# ints or bools where floats are expected: ``True == 1`` in a dict key, but not to the checks).
+# Calls without a signature take the full path. tests/test_hostcost.py holds these functions
+# to the checks.
+
+_Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+
+
+def sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Optional[tuple]:
+    """The signature of :func:`from_sdpa_args`' arguments, or None."""
+    if (type(query) is not _Tensor or type(key) is not _Tensor or type(value) is not _Tensor
+            or type(dropout_p) is not float or type(is_causal) is not bool or type(enable_gqa) is not bool
+            or (scale is not None and type(scale) is not float)):
+        return None
+    dtype, device = query.dtype, query.device
+    if key.dtype is not dtype or value.dtype is not dtype or key.device != device or value.device != device:
+        return None
+    if attn_mask is None:
+        mask = None
+    elif type(attn_mask) is _Tensor and attn_mask.device == device:
+        mask = (attn_mask.shape, attn_mask.stride(), attn_mask.dtype)
+    else:
+        return None
+    # Which inputs need a gradient, each apart: Features tells a mask that needs one from q, k, v that do.
+    grads = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad,
+                                 attn_mask is not None and attn_mask.requires_grad)
+    return (query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(), dtype, device,
+            grads, mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def flash_signature(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                    return_lse) -> Optional[tuple]:
+    """The signature of :func:`from_flash_args`' arguments, or None."""
+    if (type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor
+            or type(dropout_p) is not float or type(causal) is not bool or type(return_lse) is not bool
+            or type(softcap) is not float or (softmax_scale is not None and type(softmax_scale) is not float)
+            or type(window_size) is not tuple or len(window_size) != 2
+            or type(window_size[0]) is not int or type(window_size[1]) is not int):
+        return None
+    dtype, device = q.dtype, q.device
+    if k.dtype is not dtype or v.dtype is not dtype or k.device != device or v.device != device:
+        return None
+    if alibi_slopes is None:
+        slopes = None
+    elif type(alibi_slopes) is _Tensor:
+        slopes = (alibi_slopes.shape, alibi_slopes.dtype, alibi_slopes.device)
+    else:
+        return None
+    grads = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad,
+                                 alibi_slopes is not None and alibi_slopes.requires_grad)
+    # "flash": the same tensors mean another call than under SDPA's signature (the layouts differ)
+    return ("flash", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), dtype, device, grads,
+            slopes, dropout_p, softmax_scale, causal, window_size, softcap, return_lse)
 
 
 # --------------------------------------------------------------------------- per-sequence layouts

@@ -194,7 +194,7 @@ def test_load_error_is_a_reason(tmp_path):
 def test_explain_shows_the_cuda_reason(fresh_extension, monkeypatch):
     monkeypatch.setattr(_extension, "find_cuda_home", lambda: (None, ["/nowhere"]))
     monkeypatch.setattr(_device, "capability", lambda index: (9, 0))
-    explanation = dispatch._decide(GOOD, None, False, (), False)
+    explanation = dispatch._decide(GOOD, None, False, (), False, dispatch.availability())
     assert explanation.chosen != "cuda"
     assert any("not built yet" in r and "python -m fastattn build" in r for r in explanation.reasons("cuda"))
     assert "cuda: cannot run" in str(explanation)

@@ -34,8 +34,8 @@ import torch
 
 from .. import dispatch
 from ..backends.sdpa import math_attention
-from ..functional import attention
-from ..inputs import HALF_DTYPES, AttentionCall, from_sdpa_args, from_varlen_args, mask_dtypes, with_extras
+from ..inputs import (HALF_DTYPES, AttentionCall, check_sdpa_args, from_varlen_args, holds_as_is, mask_dtypes,
+                      sdpa_call, sdpa_signature, with_extras)
 from ..testing import MODEL_TOLERANCES
 
 __all__ = [
@@ -138,33 +138,59 @@ def _compute_dtype(module, device_type: str) -> Optional[torch.dtype]:
         dtype = torch.get_autocast_dtype(device_type)
         return dtype if dtype in HALF_DTYPES else None
     config = getattr(module, "config", None)
-    quant = getattr(config, "quantization_config", None)
+    quant = _quantization_config(module, config)
     if quant is not None:
         compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else getattr(quant, "bnb_4bit_compute_dtype", None)
         for candidate in (_as_dtype(compute), _as_dtype(getattr(config, "dtype", None))):
             if candidate in HALF_DTYPES:
                 return candidate
         return None
-    for p in module.parameters(recurse=True):
-        if p.is_floating_point():
-            return p.dtype if p.dtype in HALF_DTYPES else None
+    param = _first_float_parameter(module)
+    if param is not None:
+        return param.dtype if param.dtype in HALF_DTYPES else None
     dtype = _as_dtype(getattr(config, "dtype", None))
     return dtype if dtype in HALF_DTYPES else None
+
+
+_QUANT = "_fastattn_quantization_config"  # (config, its quantization_config), in the module's __dict__
+
+
+def _quantization_config(module, config):
+    """``config.quantization_config``, read once per config object: an attribute a Transformers
+    config does not have costs microseconds to miss, on every attention call."""
+    cached = module.__dict__.get(_QUANT)
+    if cached is None or cached[0] is not config:
+        cached = module.__dict__[_QUANT] = (config, getattr(config, "quantization_config", None))
+    return cached[1]
+
+
+_PROBE = "_fastattn_dtype_probe"  # (owner module, parameter name, parameter) or None, in the module's __dict__
+
+
+def _first_float_parameter(module) -> Optional[torch.nn.Parameter]:
+    """The module's first floating-point parameter, found once per module (a walk over its
+    submodules costs microseconds per attention call) and read again each call: ``.to()`` and
+    ``.half()`` change a parameter's dtype in place, and a parameter replaced by another is
+    noticed (the owner no longer holds it) and looked up afresh."""
+    probe = module.__dict__.get(_PROBE)
+    if probe is not None and probe[0]._parameters.get(probe[1]) is probe[2]:
+        return probe[2]
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None and param.is_floating_point():
+                module.__dict__[_PROBE] = (owner, name, param)
+                return param
+    module.__dict__.pop(_PROBE, None)
+    return None
 
 
 # --------------------------------------------------------------------------- the attention function
 
 
-def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> AttentionCall:
-    """Transformers' arguments -> one validated AttentionCall, with the semantics of
-    Transformers' SDPA path (``sdpa_attention_forward``)."""
-    L, S = query.shape[2], key.shape[2]
+def _positions(module, L: int, mask, compact, kwargs) -> tuple[bool, tuple[int, int]]:
+    """(causal, window) of a call, with the semantics of Transformers' SDPA path."""
     is_causal = kwargs.get("is_causal")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    mask = attention_mask
-    compact = None if kwargs.get("position_bias") is not None else _compact_causal_padding(mask, query.shape[0], L, S)
-    if compact is not None:  # the same visibility as the full mask; the kernel skips what causal rules out
-        mask, diag = compact
     # As Transformers' SDPA path: causal only with no mask (a mask already holds the
     # causal pattern) and never for one query (decoding sees every cached key). With
     # no mask and more keys than queries (prefill into an empty static cache) the
@@ -172,18 +198,35 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     causal = bool(is_causal) and L > 1 and mask is None
     # top-left: key j visible when j <= i + diag (a diag past the last key, as in every decode
     # step, bounds nothing: AttentionCall.key_bounds drops it)
-    window = (-1, diag) if compact is not None else (-1, -1)
+    window = (-1, compact[1]) if compact is not None else (-1, -1)
     sliding_window = kwargs.get("sliding_window")
     if causal and sliding_window is not None and sliding_window > 0:
         # Transformers' window includes the current token: kv_idx > q_idx - W, i.e. W - 1 keys to the left.
         # With a mask, the mask function has already applied it (in absolute positions).
         window = (int(sliding_window) - 1, 0)
+    return causal, window
+
+
+def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs) -> AttentionCall:
+    """Transformers' arguments -> one validated AttentionCall, with the semantics of
+    Transformers' SDPA path (``sdpa_attention_forward``)."""
+    return _build_call_and_layout(module, query, key, value, attention_mask, dropout, scaling, kwargs)[0]
+
+
+def _build_call_and_layout(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """:func:`_build_call`, and the call's ``inputs.SDPALayout`` (None for a packed batch run as varlen)."""
+    L, S = query.shape[2], key.shape[2]
+    mask = attention_mask
+    compact = None if kwargs.get("position_bias") is not None else _compact_causal_padding(mask, query.shape[0], L, S)
+    if compact is not None:  # the same visibility as the full mask; the kernel skips what causal rules out
+        mask = compact[0]
+    causal, window = _positions(module, L, mask, compact, kwargs)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if mask is None and cu_q is not None and query.shape[0] == 1 and cu_q.numel() > 2:
         # Padding-free batch handed over without a mask: each packed sequence to itself, as varlen.
         return _packed_call(module, query, key, value, cu_q, cu_k if cu_k is not None else cu_q,
-                            kwargs.get("max_length_q"), kwargs.get("max_length_k"), dropout, scaling, kwargs)
+                            kwargs.get("max_length_q"), kwargs.get("max_length_k"), dropout, scaling, kwargs), None
     if (mask is None and query.shape[0] == 1 and L == S and L > 1 and kwargs.get("position_bias") is None
             and not kwargs.get("output_attentions")):
         # No mask but position_ids that restart (a padding-free batch whose mask was skipped,
@@ -191,12 +234,12 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
         packed = _packed_from_position_ids(kwargs.get("position_ids"), L)
         if packed is not None:
             cu, longest = packed
-            return _packed_call(module, query, key, value, cu, cu, longest, longest, dropout, scaling, kwargs)
+            return _packed_call(module, query, key, value, cu, cu, longest, longest, dropout, scaling, kwargs), None
     packed = _packed_sequences(mask, query.shape[0], L, S)
     if packed is not None and kwargs.get("position_bias") is None:  # packed position_ids: the mask's own varlen form
         cu, longest, window = packed
         return _packed_call(module, query, key, value, cu, cu, longest, longest, dropout, scaling, kwargs,
-                            window=window)
+                            window=window), None
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5-style additive bias, combined as Transformers does
         if mask is None:
@@ -211,10 +254,43 @@ def _build_call(module, query, key, value, attention_mask, dropout, scaling, kwa
     if mask is not None and mask.dtype not in mask_dtypes(query.dtype):
         mask = mask.float()
 
-    call, _ = from_sdpa_args(query, key, value, attn_mask=mask, dropout_p=float(dropout or 0.0), is_causal=False,
-                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    return with_extras(call, causal=causal, window=window, softcap=kwargs.get("softcap") or 0.0,
+    call, layout = check_sdpa_args(query, key, value, attn_mask=mask, dropout_p=float(dropout or 0.0),
+                                   is_causal=False, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    call = with_extras(call, causal=causal, window=window, softcap=kwargs.get("softcap") or 0.0,
                        sinks=kwargs.get("s_aux"))
+    return call, layout
+
+
+def _signature(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """(signature, mask, causal, window) of a call the fast path takes: the signature is everything
+    :func:`_build_call` and the checks read (see ``inputs.sdpa_signature``), ``mask`` the one the
+    call runs with; (None, ...) for what only the full path handles (position_bias, cu_seq_lens,
+    output_attentions, arguments of unusual types)."""
+    get = kwargs.get
+    softcap, sinks, sliding_window = get("softcap"), get("s_aux"), get("sliding_window")
+    if (get("output_attentions") or get("position_bias") is not None or get("cu_seq_lens_q") is not None
+            or type(dropout) is not float or (softcap is not None and type(softcap) is not float)
+            or (sliding_window is not None and type(sliding_window) is not int)
+            or (sinks is not None and type(sinks) not in (torch.Tensor, torch.nn.Parameter))
+            or type(query) is not torch.Tensor):
+        return None, None, False, (-1, -1)
+    L = query.shape[2]
+    if (getattr(attention_mask, _PACKED, None) is not None
+            or (attention_mask is None and query.shape[0] == 1 and L > 1 and get("position_ids") is not None)):
+        return None, None, False, (-1, -1)  # packed sequences, perhaps: the full path tells (and runs varlen)
+    dtype = query.dtype
+    target = _compute_dtype(module, query.device.type) if dtype is torch.float32 else None
+    compact = None if attention_mask is None else _compact_causal_padding(attention_mask, query.shape[0], L, key.shape[2])
+    mask = attention_mask if compact is None else compact[0]
+    if mask is not None and mask.dtype not in mask_dtypes(target or dtype):
+        return None, None, False, (-1, -1)  # made float32 on the full path
+    causal, window = _positions(module, L, mask, compact, kwargs)
+    tensors = sdpa_signature(query, key, value, mask, dropout, False, scaling, query.shape[1] != key.shape[1])
+    if tensors is None:
+        return None, None, False, (-1, -1)
+    extras = (softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device,
+                                                   sinks.requires_grad and torch.is_grad_enabled()))
+    return ("transformers", tensors, target, causal, window, extras), mask, causal, window
 
 
 def _packed_call(module, query, key, value, cu_q, cu_k, max_q, max_k, dropout, scaling, kwargs,
@@ -263,6 +339,35 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``cu_seq_lens_q/k`` (padding-free batches); the rest are ignored as SDPA does.
     """
     in_dtype = query.dtype
+    # A call like an earlier one (same shapes, strides, dtypes, devices, flags, mask kind) in the
+    # same dispatch state reuses its checks and decision (dispatch.Plan).
+    signature, mask, causal, window = (None, None, False, (-1, -1)) if torch.compiler.is_compiling() else _signature(
+        module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    plan = dispatch.cached_plan(signature)
+    if plan is None:
+        return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, kwargs, signature, mask)
+    target = signature[2]
+    if target is not None:  # the upcast of fp32 activations in a half model (warned about on the first call)
+        query, key, value = query.to(target), key.to(target), value.to(target)
+    if plan.as_is is not None and _records.get() is None:
+        out = plan.as_is(query, key, value, mask, dropout, scaling)
+    else:
+        sinks = kwargs.get("s_aux")
+        call = sdpa_call(query, key, value, mask, plan.layout, dropout_p=dropout, causal=causal, window=window,
+                         softcap=kwargs.get("softcap") or 0.0, sinks=None if sinks is None else sinks.to(query.device),
+                         features=plan.features)
+        _record(module, call)
+        out, _ = plan.backend.run(call)
+    out = out.transpose(1, 2).contiguous()
+    if out.dtype != in_dtype:
+        out = out.to(in_dtype)
+    return out, None
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout, scaling, kwargs, signature, mask):
+    """:func:`attention_forward`'s full path: every check, then a plan for the calls like this one
+    (``signature`` and ``mask`` as :func:`_signature` gives them)."""
+    in_dtype = query.dtype
     if in_dtype == torch.float32:
         target = _compute_dtype(module, query.device.type)
         if target is not None:
@@ -270,7 +375,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                        f"fastattn: float32 activations reached the attention of a {target} model "
                        "(norms upcast for k-bit training?); attention runs in " f"{target} and returns float32")
             query, key, value = query.to(target), key.to(target), value.to(target)
-    call = _build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    call, layout = _build_call_and_layout(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     # Device maps need no device switch here: each backend launches on the tensors' own device
     # and its current stream (the Triton launcher's device guard, the CUDA op's CUDAGuard, torch).
     if kwargs.get("output_attentions"):
@@ -280,7 +385,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out, weights = _eager_with_weights(call)
     else:
         _record(module, call)
-        out, _ = attention(call)
+        if layout is None:  # a packed batch run as varlen: nothing to keep for later calls
+            signature = None
+        plan = dispatch.plan(call, signature, layout, as_is=layout is not None and holds_as_is(call, query, key,
+                                                                                              value, mask))
+        out, _ = plan.backend.run(call)
         weights = None
     out = out.transpose(1, 2).contiguous()
     if out.dtype != in_dtype:
@@ -320,8 +429,7 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     plain bidirectional padding mask is returned as a stride-0 view of the (B, S) padding
     instead of a materialized (B, 1, L, S) tensor (same values; the kernel reads it as is),
     and a plain causal mask with padding carries its compact form (see ``_CAUSAL_PADDING``)."""
-    from transformers import masking_utils
-
+    masking_utils = _masking_utils()
     factory = masking_utils.causal_mask_function if mask_function is None else mask_function
     plain = (not use_vmap and local_size is None and attention_mask is not None and attention_mask.dim() == 2
              and not torch.compiler.is_compiling())
@@ -330,6 +438,17 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         if allow_is_bidirectional_skip and bool(padding.all()):
             return None
         return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+    offsets_known = isinstance(q_offset, numbers.Integral) and isinstance(kv_offset, numbers.Integral)  # StaticCache: tensors
+    if (plain and q_length == 1 and offsets_known and factory is masking_utils.causal_mask_function
+            and kv_offset + kv_length - 1 <= q_offset):
+        # A decode step that sees every key causally: the mask is the padding row, which is what
+        # sdpa_mask computes here (None when nothing is padded and skipping is allowed) at a
+        # fraction of its cost, a (B, 1, 1, S) view instead of a new tensor.
+        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
+        if allow_is_causal_skip and bool(padding.all()):
+            return None
+        padding = padding[:, None, None, :]
+        return padding if padding.shape[0] == batch_size else padding.expand(batch_size, 1, 1, kv_length)
     mask = masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                                    kv_offset=kv_offset, mask_function=factory, attention_mask=attention_mask,
                                    local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
@@ -340,12 +459,12 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         found = _packed_sequence_ids(factory, masking_utils)
         if found is not None and tuple(found[0].shape) == (1, q_length):  # cumulative sums: non-decreasing
             setattr(mask, _PACKED, (*_packed_boundaries(found[0].to(mask.device)), found[1]))
-    offsets_known = all(isinstance(x, numbers.Integral) for x in (q_offset, kv_offset))  # StaticCache: a GPU tensor
-    if plain and offsets_known and factory is masking_utils.causal_mask_function and mask is not None:
+    # A decode step (one query) gains nothing from the compact form: its mask is one row per sequence already.
+    if plain and q_length > 1 and offsets_known and mask is not None and factory is masking_utils.causal_mask_function:
         # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
         # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset).
-        setattr(mask, _CAUSAL_PADDING, (_padding_row(attention_mask, kv_offset, kv_length, device),
-                                        int(q_offset) - int(kv_offset)))
+        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
+        setattr(mask, _CAUSAL_PADDING, (padding[:, None, None, :], int(q_offset) - int(kv_offset)))
     return mask
 
 
@@ -452,18 +571,30 @@ def _packed_sequences(mask: Optional[torch.Tensor], B: int, L: int, S: int):
     return packed
 
 
+_transformers_masking: list = []
+
+
+def _masking_utils():
+    """transformers.masking_utils, imported once (an import statement costs a microsecond a call)."""
+    if not _transformers_masking:
+        from transformers import masking_utils
+
+        _transformers_masking.append(masking_utils)
+    return _transformers_masking[0]
+
+
 def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int):
     """(key padding (B, 1, 1, S), diagonal) when ``mask`` is one that :func:`mask_function`
     built for these sizes, else None."""
     if mask is None or torch.compiler.is_compiling():
         return None
     compact = getattr(mask, _CAUSAL_PADDING, None)
-    if compact is None or tuple(mask.shape[-2:]) != (L, S):
+    if compact is None or mask.shape[-2:] != (L, S):
         return None
     padding, diag = compact
-    if tuple(padding.shape) != (B, S) or padding.device != mask.device or diag < 0:  # -1 would mean unbounded
+    if padding.shape != (B, 1, 1, S) or padding.device != mask.device or diag < 0:  # -1 would mean unbounded
         return None
-    return padding[:, None, None, :], diag
+    return compact
 
 
 # --------------------------------------------------------------------------- registration

@@ -1,0 +1,209 @@
+"""Host cost per call: fastattn's front ends against the torch / Transformers calls they stand in
+for, measured side by side in one run on tiny CPU tensors and one thread. On the CPU fastattn
+runs torch's SDPA underneath, so every difference is fastattn's own host time.
+
+    python -m benchmarks.overhead                  # the table
+    python -m benchmarks.overhead --csv out.csv    # and one CSV row per case
+    python -m benchmarks.overhead --quick          # fewer repeats (a smoke run)
+
+Each case is a pair: the counterpart (what a user calls without fastattn) and fastattn's call on
+the same inputs, timed in alternating short batches, so that a busy or drifting machine slows
+both alike. The table shows the fastest batch and the median per call in microseconds, and
+fastattn's extra microseconds, fastest against fastest (on a shared machine the fastest batch
+is the one least disturbed by others: timeit's rule), against the goal from issue #12.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+
+from .measure import run_info
+from .report import append_rows
+
+COLUMNS = ["timestamp", "commit", "device", "torch", "transformers", "threads", "case", "counterpart", "theirs_min_us",
+           "theirs_p50_us", "fastattn_min_us", "fastattn_p50_us", "extra_us", "ratio", "goal_us"]
+
+
+@dataclass
+class Case:
+    name: str
+    counterpart: str
+    reference: Callable[[], object]  # the call fastattn stands in for
+    fastattn: Callable[[], object]
+    goal_us: Optional[float]  # fastattn may cost at most this much more (None: no goal)
+    backend: str = ""  # what fastattn ran
+
+
+def _qkv(B, Hq, Hkv, L, S, E, layout="bhsd"):
+    if layout == "bshd":
+        return torch.randn(B, L, Hq, E), torch.randn(B, S, Hkv, E), torch.randn(B, S, Hkv, E)
+    return torch.randn(B, Hq, L, E), torch.randn(B, Hkv, S, E), torch.randn(B, Hkv, S, E)
+
+
+def front_end_cases() -> list[Case]:
+    """fastattn.scaled_dot_product_attention and flash_attn_func against torch's SDPA."""
+    cases = []
+    sdpa, ours = F.scaled_dot_product_attention, fastattn.scaled_dot_product_attention
+    q, k, v = _qkv(2, 4, 2, 1, 32, 16)
+    pad = torch.ones(2, 1, 1, 32, dtype=torch.bool)
+    pad[0, ..., :9] = False
+    pq, pk, pv = _qkv(2, 4, 2, 16, 16, 16)
+    cases += [
+        Case("sdpa: decode, GQA 4/2, 32 keys", "F.scaled_dot_product_attention",
+             lambda: sdpa(q, k, v, enable_gqa=True), lambda: ours(q, k, v, enable_gqa=True), 3.0),
+        Case("sdpa: decode, GQA, key-padding mask", "F.scaled_dot_product_attention",
+             lambda: sdpa(q, k, v, attn_mask=pad, enable_gqa=True),
+             lambda: ours(q, k, v, attn_mask=pad, enable_gqa=True), 3.0),
+        Case("sdpa: prefill 16, causal", "F.scaled_dot_product_attention",
+             lambda: sdpa(pq, pk, pv, is_causal=True, enable_gqa=True),
+             lambda: ours(pq, pk, pv, is_causal=True, enable_gqa=True), 3.0),
+    ]
+    fq, fk, fv = _qkv(2, 4, 2, 1, 32, 16, layout="bshd")
+    gq, gk, gv = _qkv(2, 4, 2, 16, 16, 16, layout="bshd")
+
+    def torch_bshd(q, k, v, causal):  # what flash_attn_func computes, spelled with torch's SDPA
+        return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                    enable_gqa=True).transpose(1, 2).contiguous()
+
+    cases += [
+        Case("flash_attn_func: decode, causal", "F.sdpa on (B, H, S, D) views",
+             lambda: torch_bshd(fq, fk, fv, False), lambda: fastattn.flash_attn_func(fq, fk, fv, causal=True), 3.0),
+        Case("flash_attn_func: prefill 16, causal", "F.sdpa on (B, H, S, D) views",
+             lambda: torch_bshd(gq, gk, gv, True), lambda: fastattn.flash_attn_func(gq, gk, gv, causal=True), 3.0),
+    ]
+    return cases
+
+
+def transformers_cases() -> list[Case]:
+    """The "fastattn" attention and mask functions against Transformers' sdpa ones."""
+    try:
+        from transformers import LlamaConfig, masking_utils
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.models.llama.modeling_llama import LlamaAttention
+    except ImportError as exc:
+        print(f"Transformers cases skipped: {exc}", file=sys.stderr)
+        return []
+    from fastattn.integrations import transformers as hf
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         intermediate_size=128, num_hidden_layers=1, vocab_size=100)
+    module = LlamaAttention(config, layer_idx=0).eval()  # real parameters: fastattn reads their dtype
+    B, S = 2, 32
+    padding = torch.ones(B, S, dtype=torch.bool)  # as create_causal_mask hands it over
+    padding[0, :9] = False  # left padding
+    decode = dict(batch_size=B, q_length=1, kv_length=S, q_offset=S - 1, kv_offset=0, attention_mask=padding)
+    ref_mask, our_mask = masking_utils.sdpa_mask(**decode), hf.mask_function(**decode)
+    q, k, v = _qkv(B, 4, 2, 1, S, 16)
+    pq, pk, pv = _qkv(B, 4, 2, 16, 16, 16)
+    prefill = dict(batch_size=B, q_length=16, kv_length=16, attention_mask=padding[:, -16:])
+    ref_prefill, our_prefill = masking_utils.sdpa_mask(**prefill), hf.mask_function(**prefill)
+    scaling = module.scaling
+    return [
+        Case("transformers: decode, GQA, key-padding mask", "sdpa_attention_forward",
+             lambda: sdpa_attention_forward(module, q, k, v, ref_mask, dropout=0.0, scaling=scaling),
+             lambda: hf.attention_forward(module, q, k, v, our_mask, dropout=0.0, scaling=scaling), 5.0),
+        Case("transformers: decode, GQA, no mask", "sdpa_attention_forward",
+             lambda: sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling),
+             lambda: hf.attention_forward(module, q, k, v, None, dropout=0.0, scaling=scaling), 5.0),
+        Case("transformers: prefill 16, causal, no mask", "sdpa_attention_forward",
+             lambda: sdpa_attention_forward(module, pq, pk, pv, None, dropout=0.0, scaling=scaling),
+             lambda: hf.attention_forward(module, pq, pk, pv, None, dropout=0.0, scaling=scaling), 5.0),
+        Case("transformers: prefill 16, causal + padding", "sdpa_attention_forward",
+             lambda: sdpa_attention_forward(module, pq, pk, pv, ref_prefill, dropout=0.0, scaling=scaling),
+             lambda: hf.attention_forward(module, pq, pk, pv, our_prefill, dropout=0.0, scaling=scaling), None),
+        Case("mask: decode step with left padding", "masking_utils.sdpa_mask",
+             lambda: masking_utils.sdpa_mask(**decode), lambda: hf.mask_function(**decode), 0.0),
+        Case("mask: decode step, no padding", "masking_utils.sdpa_mask",
+             lambda: masking_utils.sdpa_mask(**dict(decode, attention_mask=torch.ones(B, S, dtype=torch.bool))),
+             lambda: hf.mask_function(**dict(decode, attention_mask=torch.ones(B, S, dtype=torch.bool))), 0.0),
+        Case("mask: prefill 16 with left padding", "masking_utils.sdpa_mask",
+             lambda: masking_utils.sdpa_mask(**prefill), lambda: hf.mask_function(**prefill), None),
+    ]
+
+
+def time_pair(fns: dict[str, Callable[[], object]], repeats: int, batch_s: float) -> dict[str, list[float]]:
+    """Microseconds per call of each function, one sample per batch, the functions in turn."""
+    counts = {}
+    for name, fn in fns.items():
+        for _ in range(20):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        counts[name] = max(1, int(batch_s / max((time.perf_counter() - t0) / 20, 1e-8)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            n = counts[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) * 1e6 / n)
+    return samples
+
+
+def measure(cases: list[Case], repeats: int, batch_s: float) -> list[dict]:
+    rows = []
+    for case in cases:
+        with torch.no_grad():
+            samples = time_pair({"theirs": case.reference, "fastattn": case.fastattn}, repeats, batch_s)
+        theirs, ours = samples["theirs"], samples["fastattn"]
+        rows.append(dict(case=case.name, counterpart=case.counterpart, theirs_min_us=min(theirs),
+                         theirs_p50_us=statistics.median(theirs), fastattn_min_us=min(ours),
+                         fastattn_p50_us=statistics.median(ours), extra_us=min(ours) - min(theirs),
+                         ratio=min(ours) / min(theirs), goal_us="" if case.goal_us is None else case.goal_us))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'case':<46} {'counterpart':<32} {'theirs min/p50':>15} {'fastattn min/p50':>17} {'extra':>7} "
+            f"{'ratio':>6}  goal")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        goal = r["goal_us"]
+        verdict = "" if goal == "" else (f"<= {goal:+g} us " + ("ok" if r["extra_us"] <= goal else "MISSED"))
+        lines.append(f"{r['case']:<46} {r['counterpart']:<32} {r['theirs_min_us']:7.1f}/{r['theirs_p50_us']:<7.1f} "
+                     f"{r['fastattn_min_us']:8.1f}/{r['fastattn_p50_us']:<8.1f} {r['extra_us']:+7.1f} "
+                     f"{r['ratio']:5.2f}x  {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--csv", type=Path, help="append one row per case to this CSV")
+    parser.add_argument("--quick", action="store_true", help="a few short batches (smoke run; figures mean little)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the goals assume)")
+    parser.add_argument("--no-transformers", action="store_true", help="only the SDPA and flash-attn front ends")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cases = front_end_cases() + ([] if args.no_transformers else transformers_cases())
+    info = run_info(torch.device("cpu"))
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = "-"
+    print(f"host cost per call on {info['device']}, {args.threads} thread(s), torch {info['torch']}, "
+          f"transformers {info['transformers']}, fastattn {fastattn.__version__} ({info['commit']})", flush=True)
+    rows = measure(cases, repeats=3 if args.quick else 101, batch_s=0.0005 if args.quick else 0.002)
+    print(table(rows))
+    if args.csv:
+        append_rows(args.csv, [dict(info, threads=args.threads, **r) for r in rows], COLUMNS)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
