@@ -14,15 +14,17 @@ import torch
 
 def reference_attention(q, k, v, *, scale: Optional[float] = None, mask=None, causal: bool = False,
                         lower_right: bool = False, window=(-1, -1), softcap: float = 0.0,
-                        alibi_slopes=None, sinks=None, compute_dtype: Optional[torch.dtype] = torch.float64):
+                        alibi_slopes=None, sinks=None, dropout_keep=None, dropout_p: float = 0.0,
+                        compute_dtype: Optional[torch.dtype] = torch.float64):
     """Attention by its definition, in ``(B, H, L, E)`` layout.
 
     ``compute_dtype=None`` computes in the inputs' own dtype (the "same math in
     the input dtype" of the accuracy rule); otherwise everything is upcast.
     Positions follow flash-attn when ``lower_right`` (query i lines up with key
     i + S - L) and SDPA otherwise. ``window=(left, right)``, -1 = unbounded;
-    ``causal`` means right = 0. Returns ``(out, lse)``; rows with no visible
-    key give out = 0 and lse = +inf.
+    ``causal`` means right = 0. ``dropout_keep``: a bool (B, H, L, S) keep-mask
+    applied to the probabilities (scaled by 1 / (1 - dropout_p)) after the softmax.
+    Returns ``(out, lse)``; rows with no visible key give out = 0 and lse = +inf.
     """
     dtype = compute_dtype or q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -57,15 +59,45 @@ def reference_attention(q, k, v, *, scale: Optional[float] = None, mask=None, ca
         else:
             s = s + mask.to(s.dtype)
     s = s.masked_fill(~visible, float("-inf"))
+    logits = s
     if sinks is not None:  # one extra logit per head, with no value
         sink_col = sinks.to(s.dtype).view(1, H, 1, 1).expand(B, H, L, 1)
-        lse = torch.logsumexp(torch.cat([s, sink_col], dim=-1), dim=-1)
-    else:
-        lse = torch.logsumexp(s, dim=-1)
-    none_visible = torch.isneginf(lse)
-    p = torch.exp(s - lse.masked_fill(none_visible, 0.0).unsqueeze(-1))
+        logits = torch.cat([s, sink_col], dim=-1)
+    none_visible = torch.isneginf(logits).all(dim=-1)
+    # logsumexp over a row of -inf has a NaN gradient (exp(-inf - -inf)), which an additive
+    # -inf mask would carry into q and k: such rows take a finite stand-in (their p is 0 anyway).
+    lse = torch.logsumexp(logits.masked_fill(none_visible.unsqueeze(-1), 0.0), dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    if dropout_keep is not None:
+        p = p * dropout_keep.to(p.dtype) / (1.0 - dropout_p)
     out = p.to(v.dtype) @ v
     return out, lse.masked_fill(none_visible, float("inf"))
+
+
+GRADIENT_FACTOR = 3.0  # flash-attn's rule for gradients: 3x the error of the same math in the input dtype
+
+
+def reference_gradients(q, k, v, do, *, dlse=None, compute_dtype: Optional[torch.dtype] = torch.float64, **kwargs):
+    """Gradients of :func:`reference_attention` by autograd, for ``out.backward(do)``
+    (and ``lse.backward(dlse)`` when ``dlse`` is given; rows that see no key pass none).
+
+    Returns ``(dq, dk, dv, dsinks)``: fp64 with the default ``compute_dtype``, in the
+    inputs' dtypes with ``compute_dtype=None`` (the "same math in the input dtype");
+    dk/dv have k/v's heads (GQA groups summed by the autograd of repeat_interleave);
+    dsinks is None without ``sinks``."""
+    dtype = compute_dtype or q.dtype
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    sinks = kwargs.pop("sinks", None)
+    if sinks is not None:
+        sinks = sinks.detach().to(compute_dtype or torch.float32).requires_grad_()
+    out, lse = reference_attention(*leaves, sinks=sinks, compute_dtype=compute_dtype, **kwargs)
+    outputs, output_grads = [out], [do.to(out.dtype)]
+    if dlse is not None:
+        outputs.append(lse)
+        output_grads.append(dlse.to(lse.dtype))
+    torch.autograd.backward(outputs, output_grads)
+    grads = [t.grad for t in leaves]
+    return (*grads, None if sinks is None else sinks.grad)
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
