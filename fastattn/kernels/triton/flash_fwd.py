@@ -34,6 +34,19 @@ def _tanh(x):
 
 
 @triton.jit
+def _to_dtype(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even as the GPU's cast does. The interpreter
+    (Triton 3.8) truncates float32 -> bfloat16 and ignores ``fp_downcast_rounding``,
+    which biases every rounded product and output by up to one ulp: round the bits here."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _block_update(
     acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n,
     row_pos, row_valid, offs_n, offs_d, offs_dv,
@@ -146,7 +159,7 @@ def _block_update(
         v = tl.load(V_ptrs)
     if UPCAST:
         # Round P to the input dtype as the tensor-core path does, then multiply in fp32.
-        acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        acc += tl.dot(_to_dtype(p, v.dtype, UPCAST).to(tl.float32), v.to(tl.float32))
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
@@ -358,7 +371,7 @@ def _flash_fwd_kernel(
 
     o_ptrs = Out + off_b.to(tl.int64) * stride_ob \
         + (row_head.to(tl.int64) * stride_oh + row_pos.to(tl.int64) * stride_om)[:, None] + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(o_ptrs, _to_dtype(acc, Out.dtype.element_ty, UPCAST), mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_ptrs = Lse + off_b.to(tl.int64) * stride_lb + row_head.to(tl.int64) * stride_lh + row_pos
     tl.store(l_ptrs, lse, mask=row_valid)
 
@@ -372,6 +385,7 @@ def _combine_splits_kernel(
     stride_lb, stride_lh,
     num_heads, num_splits,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Merge the split-KV partial results of one query row: weights exp(lse_s - lse)."""
     row = tl.program_id(0)
@@ -398,7 +412,7 @@ def _combine_splits_kernel(
     part = tl.load(p_ptrs, mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM_V), other=0.0)
     out = tl.sum(part * w[:, None], 0)
     o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + row * stride_om + offs_d * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM_V)
+    tl.store(o_ptrs, _to_dtype(out, Out.dtype.element_ty, UPCAST), mask=offs_d < HEAD_DIM_V)
     lse = tl.where(empty, float("inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
     tl.store(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + row, lse)
 
@@ -653,6 +667,6 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
                 *out.stride(), lse.stride(0), lse.stride(1),
                 Hq, splits,
                 HEAD_DIM_V=Ev, BLOCK_DV=block_dv, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-                HAS_SINKS=sinks is not None,
+                HAS_SINKS=sinks is not None, UPCAST=interpreting(),
             )
     return out, lse
