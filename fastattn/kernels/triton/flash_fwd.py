@@ -165,7 +165,9 @@ def _block_update(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The dropout seed and offset change every training step: not specializing them (on the
+# value 1 or divisibility by 16) keeps one compiled kernel for all of them.
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
 def _flash_fwd_kernel(
     Q, K, V, Out, Lse, Mask, Slopes, Sinks,
     CuQ, CuK, SeqUsedQ, SeqUsedK, KStart, BatchIdx, BlockTable, stride_bt,
@@ -543,7 +545,12 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seqs is not None:
         # A packed token has no (b, i) position in one (B, Hq, L, S) numbering until the
-        # backward takes per-sequence layouts and both agree on one.
+        # backward takes per-sequence layouts and both agree on one. The natural choice
+        # then: query i and key j of sequence b are element (b, h, i, j) of a
+        # (num_seqs, Hq, max_seqlen_q, max_seqlen_k) numbering (positions within the
+        # sequence, launch bounds as L and S), so a varlen batch drops what the same
+        # batch padded on the right would. The kernel would need the launch bounds apart
+        # from the per-sequence seqlen_q/seqlen_k it overwrites.
         raise ValueError("dropout_p > 0 cannot be combined with a per-sequence layout (the backward has none)")
     if out is not None:
         if out.shape != (B, Hq, L, Ev) or out.dtype != q.dtype:
