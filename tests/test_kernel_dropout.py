@@ -33,14 +33,19 @@ CASES = {
     "split_kv_sinks": (1, 4, 1, 3, 83, 64, dict(num_splits=2), dict(sinks=True)),
     "packed_split_window": (1, 6, 2, 9, 77, 40, dict(pack_gqa=True, num_splits=2), dict(window=(40, 0),
                                                                                          lower_right=True)),
+    "mask_softcap_alibi": (2, 2, 1, 30, 41, 32, {}, dict(mask=True, softcap=5.0, alibi_slopes=True)),
 }
 
 
-def features_for(features, Hq):
-    """Draw the random parts of a case's features (sinks) fresh for each run."""
+def features_for(features, B, Hq, L, S):
+    """Draw the random parts of a case's features (sinks, mask, slopes) fresh for each run."""
     features = dict(features)
     if features.pop("sinks", False):
         features["sinks"] = torch.randn(Hq, device=DEVICE)
+    if features.pop("mask", False):
+        features["mask"] = torch.rand(B, 1, L, S, device=DEVICE) > 0.2
+    if features.pop("alibi_slopes", False):
+        features["alibi_slopes"] = torch.rand(B, Hq, device=DEVICE)
     return features
 
 
@@ -95,7 +100,7 @@ def test_output_matches_reference_with_the_mask(dtype, case):
     flash-attn's rule (2x the error of the same math in the input dtype), written into a
     NaN-poisoned buffer; the lse is bitwise the undropped call's (dropout leaves it alone)."""
     B, Hq, Hkv, L, S, E, launch, features = CASES[case]
-    features = features_for(features, Hq)
+    features = features_for(features, B, Hq, L, S)
     q, k, v, _ = make(B, Hq, Hkv, L, S, E, dtype=dtype)
     p, seed, offset = 0.17, 1234, 99
     scale = E ** -0.5
@@ -111,13 +116,14 @@ def test_output_matches_reference_with_the_mask(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", ["gqa_causal_lower_right", "packed_gqa_decode", "split_kv_sinks"])
+@pytest.mark.parametrize("case", ["gqa_causal_lower_right", "packed_gqa_decode", "split_kv_sinks",
+                                  "mask_softcap_alibi"])
 def test_forward_then_backward_match_reference_gradients(dtype, case):
     """Training with dropout on the kernels: the forward's dropped output and the backward's
     regenerated mask give dq, dk, dv (and d_sinks) within 3x of the same math in the
     input dtype, against fp64 autograd through the reference with the materialized mask."""
     B, Hq, Hkv, L, S, E, launch, features = CASES[case]
-    features = features_for(features, Hq)
+    features = features_for(features, B, Hq, L, S)
     q, k, v, do = make(B, Hq, Hkv, L, S, E, dtype=dtype)
     p, seed, offset = 0.25, 31, 2 * B * Hq * L * S
     scale = E ** -0.5
