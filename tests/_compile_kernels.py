@@ -16,7 +16,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastattn.kernels.triton import flash_fwd  # noqa: E402
 
-FLOAT_ARGS = {"qk_scale", "softcap_in", "softcap_out"}
+FLOAT_ARGS = {"qk_scale", "softcap_in", "softcap_out", "dropout_p"}
+INT64_ARGS = {"dropout_seed", "dropout_offset"}  # a training run's Philox offset outgrows int32
 
 
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_pd", "stride_mn"}
@@ -38,7 +39,7 @@ def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps: i
         elif name in constexprs:
             signature[name] = "constexpr"
         else:
-            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i64" if name in INT64_ARGS else "i32"
             if name.startswith("stride_"):
                 attrs[index] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
@@ -51,7 +52,8 @@ INDEX_POINTERS = ("CuQ", "CuK", "SeqUsedQ", "SeqUsedK", "KStart", "BatchIdx", "B
 
 
 def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8", left=False, right=True,
-                    softcap=False, alibi=False, sinks=False, split=False, pack=False, mask_rows=True, per_seq=None):
+                    softcap=False, alibi=False, sinks=False, split=False, pack=False, mask_rows=True, per_seq=None,
+                    dropout=False):
     """``per_seq``: the kernel's per-sequence flags (VARLEN_Q, PAGE_SIZE, ...) that are on."""
     Ev = E if Ev is None else Ev
     cfg = flash_fwd.block_config(E, Ev, L)
@@ -62,7 +64,7 @@ def forward_variant(dtype="bf16", E=128, Ev=None, L=4096, mask=0, mask_dtype="i8
     constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
                       BLOCK_DV=max(16, triton.next_power_of_2(Ev)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       HAS_LEFT=left, HAS_RIGHT=right, MASK_KIND=mask, MASK_PER_ROW=bool(mask) and mask_rows, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                      HAS_SINKS=sinks, SPLIT=split, PACK_GQA=pack, UPCAST=False,
+                      HAS_SINKS=sinks, SPLIT=split, PACK_GQA=pack, HAS_DROPOUT=dropout, UPCAST=False,
                       **dict(flash_fwd._DENSE, **(per_seq or {})))
     return pointers, constexprs, cfg["num_warps"], cfg["num_stages"]
 
@@ -77,6 +79,8 @@ VARIANTS = {
     "bf16_decode_split": dict(L=1, right=False, split=True, sinks=True),
     "bf16_decode_pack_gqa": dict(L=4, split=True, pack=True, mask=1, alibi=True, sinks=True),
     "bf16_hd64_causal": dict(E=64),
+    "bf16_hd128_dropout": dict(dropout=True),
+    "bf16_decode_pack_gqa_dropout": dict(L=4, split=True, pack=True, dropout=True),
     "bf16_hd64_key_padding": dict(E=64, mask=1, right=False, mask_rows=False),
     "bf16_hd128_key_padding_causal": dict(E=128, mask=1, mask_rows=False),
     "bf16_hd64_full_mask": dict(E=64, mask=1, right=False),
@@ -121,7 +125,7 @@ def main(argv):
         try:
             if name == "combine":
                 pointers = {"PartOut": "fp32", "PartLse": "fp32", "Out": "bf16", "Lse": "fp32", "Sinks": "fp32"}
-                constexprs = dict(HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_S=16, HAS_SINKS=True)
+                constexprs = dict(HEAD_DIM_V=128, BLOCK_DV=128, BLOCK_S=16, HAS_SINKS=True, UPCAST=False)
                 kernel = compile_kernel(flash_fwd._combine_splits_kernel, pointers, constexprs, arch, 4, 1)
                 block_m = 0
             else:

@@ -21,7 +21,8 @@ SM90 = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd256", "fp16_hd59_ev40_win
         "bf16_bool_mask_softcap_alibi_sinks", "fp16_float_mask", "bf16_decode_split", "bf16_decode_pack_gqa",
         "bf16_hd128_row_mask_causal", "fp16_hd128_row_mask_short", "combine",
         "bf16_hd128_varlen_causal", "bf16_hd128_varlen_paged256", "bf16_decode_paged16_split",
-        "bf16_decode_paged256_split", "fp16_decode_leftpad_batch_idx"]
+        "bf16_decode_paged256_split", "fp16_decode_leftpad_batch_idx",
+        "bf16_hd128_dropout", "bf16_decode_pack_gqa_dropout"]
 SM80 = ["bf16_hd128_causal", "bf16_decode_split", "bf16_decode_paged16_split"]
 
 
@@ -60,7 +61,7 @@ def test_compiles_for_sm90(sm90, variant):
 # and the spill-free 64 x 32 tiles measured slower on the H100 (see block_config).
 NO_SPILLS = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd64_causal", "bf16_hd256", "bf16_hd256_full",
              "bf16_decode_split", "bf16_decode_pack_gqa", "bf16_hd64_key_padding", "bf16_hd128_key_padding_causal",
-             "bf16_hd64_full_mask"]
+             "bf16_hd64_full_mask", "bf16_hd128_dropout", "bf16_decode_pack_gqa_dropout"]
 
 
 @pytest.mark.parametrize("variant", NO_SPILLS)

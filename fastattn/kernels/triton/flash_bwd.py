@@ -39,22 +39,9 @@ import triton.language as tl
 
 from ..._env import interpreting
 from .dropout import _dropout_keep
-from .flash_fwd import MASK_ADD, MASK_BOOL, MASK_NONE, _smaller, _tanh, device_guard
+from .flash_fwd import MASK_ADD, MASK_BOOL, MASK_NONE, _smaller, _tanh, _to_dtype, device_guard
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _to_dtype(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """``x.to(dtype)``, rounding to nearest even as the GPU's cast does. The interpreter
-    (Triton 3.8) truncates float32 -> bfloat16 and ignores ``fp_downcast_rounding``,
-    which biases every rounded product and output by up to one ulp: round the bits here."""
-    if UPCAST:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

@@ -22,6 +22,7 @@ import triton.language as tl
 from ... import _device
 from ..._env import interpreting
 from ...ops.layout import empty_outputs
+from .dropout import _dropout_keep
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
@@ -33,6 +34,19 @@ def _tanh(x):
 
 
 @triton.jit
+def _to_dtype(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even as the GPU's cast does. The interpreter
+    (Triton 3.8) truncates float32 -> bfloat16 and ignores ``fp_downcast_rounding``,
+    which biases every rounded product and output by up to one ulp: round the bits here."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _block_update(
     acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n,
     row_pos, row_valid, offs_n, offs_d, offs_dv,
@@ -40,10 +54,11 @@ def _block_update(
     seqlen_q, seqlen_k, diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out, slope,
     Pages, stride_kpage, stride_vpage,
+    drop_bh, dropout_seed, dropout_offset, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     cols = start_n + offs_n
     # Tile pointers are formed here from scalar bases rather than kept across the loop:
@@ -127,6 +142,13 @@ def _block_update(
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        # Dropout acts on the probabilities that multiply V only: l_i (so the lse and the
+        # normalisation) stays the undropped softmax's, as the backward assumes. Element
+        # (row head, row position, key) draws the same Philox number as in the backward.
+        keep = _dropout_keep(dropout_seed, dropout_offset, drop_bh[:, None], row_pos[:, None], cols[None, :],
+                             seqlen_q, seqlen_k, dropout_p)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
 
     if CHECK_BOUNDS:
         v = tl.load(V_ptrs,
@@ -137,13 +159,15 @@ def _block_update(
         v = tl.load(V_ptrs)
     if UPCAST:
         # Round P to the input dtype as the tensor-core path does, then multiply in fp32.
-        acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        acc += tl.dot(_to_dtype(p, v.dtype, UPCAST).to(tl.float32), v.to(tl.float32))
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
-@triton.jit
+# The dropout seed and offset change every training step: not specializing them (on the
+# value 1 or divisibility by 16) keeps one compiled kernel for all of them.
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
 def _flash_fwd_kernel(
     Q, K, V, Out, Lse, Mask, Slopes, Sinks,
     CuQ, CuK, SeqUsedQ, SeqUsedK, KStart, BatchIdx, BlockTable, stride_bt,
@@ -158,6 +182,7 @@ def _flash_fwd_kernel(
     num_heads, kv_group, seqlen_q, seqlen_k,
     diag_offset, window_left, window_right,
     qk_scale, softcap_in, softcap_out,
+    dropout_seed, dropout_offset, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -165,7 +190,7 @@ def _flash_fwd_kernel(
     HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, SEQUSED_Q: tl.constexpr, SEQUSED_K: tl.constexpr,
     LEFTPAD: tl.constexpr, BATCH_IDX: tl.constexpr, PAGE_SIZE: tl.constexpr, LOWER_RIGHT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Per-sequence layouts (all off for a dense call, which compiles exactly as before):
     # VARLEN_Q/K: packed tokens, sequence b at rows cu[b]:cu[b+1] of a (1, H, total, E) view;
@@ -262,6 +287,8 @@ def _flash_fwd_kernel(
         V_base = V + off_bk.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     M_base = Mask + off_b.to(tl.int64) * stride_mb
     m_rows = row_head.to(tl.int64) * stride_mh + row_pos.to(tl.int64) * stride_mm
+    # Dropout's (batch, query head) index of each row, as dropout.py numbers the rows.
+    drop_bh = off_b * num_heads + row_head
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         slope = tl.load(Slopes + off_b * stride_sb + row_head * stride_sh).to(tl.float32) * 1.4426950408889634
@@ -316,22 +343,25 @@ def _flash_fwd_kernel(
             acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope, Pages, stride_kb, stride_vb,
+            drop_bh, dropout_seed, dropout_offset, dropout_p,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, HAS_DROPOUT, UPCAST)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         acc, m_i, l_i = _block_update(
             acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope, Pages, stride_kb, stride_vb,
+            drop_bh, dropout_seed, dropout_offset, dropout_p,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, False,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, HAS_DROPOUT, UPCAST)
     for start_n in range(mid_hi, hi, BLOCK_N):
         acc, m_i, l_i = _block_update(
             acc, m_i, l_i, q, K_base, V_base, M_base, m_rows, start_n, row_pos, row_valid, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seqlen_q, seqlen_k, diag_offset, window_left, window_right,
             qk_scale, softcap_in, softcap_out, slope, Pages, stride_kb, stride_vb,
+            drop_bh, dropout_seed, dropout_offset, dropout_p,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, True,
-            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, UPCAST)
+            MASK_KIND, MASK_PER_ROW, HAS_SOFTCAP, HAS_ALIBI, PAGE_SIZE, BLOCK_N, HAS_DROPOUT, UPCAST)
 
     # Rows with no visible key: output 0 (as torch >= 2.5) and lse = +inf, so that a
     # backward pass computing exp(s - lse) gets 0 there.
@@ -343,7 +373,7 @@ def _flash_fwd_kernel(
 
     o_ptrs = Out + off_b.to(tl.int64) * stride_ob \
         + (row_head.to(tl.int64) * stride_oh + row_pos.to(tl.int64) * stride_om)[:, None] + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(o_ptrs, _to_dtype(acc, Out.dtype.element_ty, UPCAST), mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     l_ptrs = Lse + off_b.to(tl.int64) * stride_lb + row_head.to(tl.int64) * stride_lh + row_pos
     tl.store(l_ptrs, lse, mask=row_valid)
 
@@ -357,6 +387,7 @@ def _combine_splits_kernel(
     stride_lb, stride_lh,
     num_heads, num_splits,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Merge the split-KV partial results of one query row: weights exp(lse_s - lse)."""
     row = tl.program_id(0)
@@ -383,7 +414,7 @@ def _combine_splits_kernel(
     part = tl.load(p_ptrs, mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM_V), other=0.0)
     out = tl.sum(part * w[:, None], 0)
     o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + row * stride_om + offs_d * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM_V)
+    tl.store(o_ptrs, _to_dtype(out, Out.dtype.element_ty, UPCAST), mask=offs_d < HEAD_DIM_V)
     lse = tl.where(empty, float("inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
     tl.store(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + row, lse)
 
@@ -486,7 +517,8 @@ _DENSE = dict(VARLEN_Q=False, VARLEN_K=False, SEQUSED_Q=False, SEQUSED_K=False, 
 
 def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
                        softcap=0.0, alibi_slopes=None, sinks=None, out=None, config=None, num_splits=None,
-                       pack_gqa=None, seqs: Optional[Sequences] = None):
+                       pack_gqa=None, seqs: Optional[Sequences] = None,
+                       dropout_p=0.0, dropout_seed=0, dropout_offset=0):
     """Run the kernel.
 
     q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev), any strides;
@@ -501,10 +533,25 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     seqs: per-sequence layout (:class:`Sequences`): then q is (1, Hq, total_q, E) when packed
     (else (B, Hq, L, E)), k/v (1, Hkv, total_k, E) when packed, (num_pages, Hkv, page_size, E)
     when paged, else (B_cache, Hkv, S, E); ``diag_offset`` is ignored (each sequence has its own).
+    dropout_p, dropout_seed, dropout_offset: attention dropout on the probabilities that
+    multiply V, with the keep-mask of dropout.py (element (b, h, i, j) of the (B, Hq, L, S)
+    scores, whatever the packing or split); pass the same three to flash_attn_backward.
+    The lse stays the undropped softmax's. Dense layouts only: with ``seqs`` it raises.
     Returns out (B, Hq, L, Ev) laid out like q, and lse (B, Hq, L) float32.
     """
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and seqs is not None:
+        # A packed token has no (b, i) position in one (B, Hq, L, S) numbering until the
+        # backward takes per-sequence layouts and both agree on one. The natural choice
+        # then: query i and key j of sequence b are element (b, h, i, j) of a
+        # (num_seqs, Hq, max_seqlen_q, max_seqlen_k) numbering (positions within the
+        # sequence, launch bounds as L and S), so a varlen batch drops what the same
+        # batch padded on the right would. The kernel would need the launch bounds apart
+        # from the per-sequence seqlen_q/seqlen_k it overwrites.
+        raise ValueError("dropout_p > 0 cannot be combined with a per-sequence layout (the backward has none)")
     if out is not None:
         # A float32 out keeps the result unrounded, for callers that merge partial results (ring attention).
         if out.shape != (B, Hq, L, Ev) or out.dtype not in (q.dtype, torch.float32):
@@ -605,11 +652,12 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
                     scale * log2e,
                     (scale / softcap) if softcap > 0 else 0.0,
                     (softcap * log2e) if softcap > 0 else 0.0,
+                    dropout_seed, dropout_offset, float(dropout_p),
                     HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
                     HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                     MASK_KIND=mask_kind, MASK_PER_ROW=mask_per_row, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                     HAS_SINKS=sinks is not None, SPLIT=splits > 1, PACK_GQA=pack_gqa, **per_seq_flags,
-                    UPCAST=interpreting(),
+                    HAS_DROPOUT=dropout_p > 0, UPCAST=interpreting(),
                     **cfg,
                 )
             except triton.runtime.errors.OutOfResources:
@@ -627,6 +675,6 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
                 *out.stride(), lse.stride(0), lse.stride(1),
                 Hq, splits,
                 HEAD_DIM_V=Ev, BLOCK_DV=block_dv, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-                HAS_SINKS=sinks is not None,
+                HAS_SINKS=sinks is not None, UPCAST=interpreting(),
             )
     return out, lse
