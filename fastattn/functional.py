@@ -64,9 +64,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     ``return_attn_probs=True``, ``(out, softmax_lse, None)`` where softmax_lse is
     ``(batch, nheads, seqlen_q)`` float32 (``+inf`` on rows with no visible key).
     Differentiable: where the Triton kernel runs the forward, its backward runs the backward
-    (dq, dk, dv; the lse's gradient too); what it cannot differentiate (dropout, ALiBi slopes
-    that require grad) runs both directions on torch's SDPA / exact math (``explain_flash`` says
-    why). ``deterministic`` is accepted for compatibility: both kernels are deterministic.
+    (dq, dk, dv; the lse's gradient too; dropout with the forward's own keep-mask, drawn per
+    call from torch's generator); what it cannot differentiate (ALiBi slopes that require grad)
+    runs both directions on torch's SDPA / exact math (``explain_flash`` says why).
+    ``deterministic`` is accepted for compatibility: both kernels are deterministic.
     """
     signature = None if _compiling() else flash_signature(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)

@@ -345,3 +345,39 @@ def test_gradients_of_strided_inputs(layout):
         return reference_attention(q, k, v, causal=True, compute_dtype=compute_dtype)
 
     check_grads(run, reference, (q, k, v))
+
+
+# --------------------------------------------------------------------------- dropout on the kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("front", ["sdpa", "flash"])
+def test_dropout_trains_on_the_kernel_with_its_own_keep_mask(front, dtype):
+    """The front ends run dropout on the kernel, forward and backward, with one keep-mask drawn
+    per call from torch's generator: out and gradients match the fp64 reference given that mask."""
+    from fastattn.kernels.triton.dropout import dropout_keep_mask
+    from fastattn.ops.triton_fwd import dropout_seed
+
+    B, Hq, Hkv, L, S, E, p = 2, 4, 2, 37, 45, 32, 0.3
+    q = torch.randn(B, Hq, L, E, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, S, E, device=DEVICE, dtype=dtype) for _ in range(2))
+    torch.manual_seed(123)
+    keep = dropout_keep_mask(B, Hq, L, S, dropout_p=p, seed=int(dropout_seed()[0]), device=DEVICE)
+
+    def run(q, k, v, seed=123):
+        torch.manual_seed(seed)  # 123: the call draws the seed the mask above was made from
+        if front == "sdpa":
+            return fastattn.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+        return bhld(fastattn.flash_attn_func(bhld(q), bhld(k), bhld(v), dropout_p=p, causal=True))
+
+    def reference(q, k, v, compute_dtype):
+        lower_right = front == "flash"
+        return reference_attention(q, k, v, causal=True, lower_right=lower_right, dropout_keep=keep, dropout_p=p,
+                                   compute_dtype=compute_dtype)
+
+    out = check_grads(run, reference, (q, k, v))
+    ref, _ = reference(q, k, v, torch.float64)
+    lowp, _ = reference(q, k, v, None)
+    assert_close_by_rule(out.detach(), ref.float(), lowp)
+    with fastattn.use_backend("triton"):
+        assert not torch.equal(run(q, k, v, seed=124), out), "another seed should drop other elements"

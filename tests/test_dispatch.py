@@ -55,9 +55,11 @@ def test_cpu_without_interpreter_is_refused_with_a_hint(monkeypatch):
     assert any("TRITON_INTERPRET=1" in r for r in reasons), reasons
 
 
-def test_dropout_is_a_reason():
+def test_dropout_runs_on_triton_and_is_a_reason_for_cuda():
     q, k, v = half_inputs()
-    assert "dropout_p > 0 is not supported" in fastattn.explain(q, k, v, dropout_p=0.1).reasons("triton")
+    report = fastattn.explain(q, k, v, dropout_p=0.1)
+    assert not any("dropout" in r for r in report.reasons("triton")), report
+    assert "dropout_p > 0 is not supported" in report.reasons("cuda")
 
 
 def test_grad_needs_a_backend_with_a_backward():

@@ -14,7 +14,9 @@ The one path the triton backend takes, in eager and compiled runs alike:
   graph op anyway), and AOT autograd traces the backward as one more op.
 
 The scalars are plain arguments; gradients are handed back by argument name
-(:func:`_backward`), so the formula does not count positions.
+(:func:`_backward`), so the formula does not count positions. Dropout takes a seed drawn per
+call (:func:`dropout_seed`, a CPU tensor, so compiled graphs draw it as an op too), saved for
+the backward, which regenerates the forward's keep-mask from it.
 """
 from __future__ import annotations
 
@@ -25,19 +27,37 @@ import torch
 from .layout import empty_outputs
 
 
+def dropout_seed() -> torch.Tensor:
+    """A fresh seed for one call's dropout keep-mask: a (1,) int64 tensor on the CPU, drawn from
+    torch's CPU generator (so ``torch.manual_seed`` reproduces it, and reading it back in the
+    kernels' launchers is no device sync). The forward and the backward regenerate the same
+    mask from it (kernels/triton/dropout.py); each call draws anew, with offset 0."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
+
+
+def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]) -> dict:
+    if dropout_p == 0.0:
+        return {}
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs dropout_seed (fastattn.ops.triton_fwd.dropout_seed())")
+    return {"dropout_p": dropout_p, "dropout_seed": int(seed[0]), "dropout_offset": 0}
+
+
 @torch.library.custom_op("fastattn::triton_fwd", mutates_args=())
 def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], scale: float,
-               window_left: int, window_right: int, diag_offset: int,
-               softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+               window_left: int, window_right: int, diag_offset: int, softcap: float,
+               dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.triton.flash_fwd import flash_attn_forward
 
     return flash_attn_forward(q, k, v, scale=scale, mask=mask, causal_bounds=(window_left, window_right),
-                              diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+                              diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                              **_dropout_args(dropout_p, dropout_seed))
 
 
 @triton_fwd.register_fake
-def _triton_fwd_fake(q, k, v, mask, alibi_slopes, sinks, scale, window_left, window_right, diag_offset, softcap):
+def _triton_fwd_fake(q, k, v, mask, alibi_slopes, sinks, scale, window_left, window_right, diag_offset, softcap,
+                     dropout_p=0.0, dropout_seed=None):
     return empty_outputs(q, v.shape[-1])
 
 
@@ -45,15 +65,18 @@ def _triton_fwd_fake(q, k, v, mask, alibi_slopes, sinks, scale, window_left, win
 def triton_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor],
                alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], scale: float,
-               window_left: int, window_right: int, diag_offset: int,
-               softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               window_left: int, window_right: int, diag_offset: int, softcap: float,
+               dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks), each gradient laid out like its input (``torch.empty_like``'s
     layout: what the fake says); dk/dv with the K/V heads; dsinks (Hq,) float32, or empty (0,)
     without sinks (a custom op cannot return None). ``dlse``: the lse's gradient, None when the
     lse was not used."""
     from ..kernels.triton.flash_bwd import flash_attn_backward
 
-    extra = {} if dlse is None else {"dlse": dlse}
+    extra = _dropout_args(dropout_p, dropout_seed)
+    if dlse is not None:
+        extra["dlse"] = dlse
     dq, dk, dv, dsinks = flash_attn_backward(
         dout, q, k, v, out, lse, scale=scale, mask=mask, causal_bounds=(window_left, window_right),
         diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, **extra)
@@ -71,7 +94,7 @@ def _laid_out_like(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @triton_bwd.register_fake
 def _triton_bwd_fake(dout, dlse, q, k, v, out, lse, mask, alibi_slopes, sinks, scale, window_left, window_right,
-                     diag_offset, softcap):
+                     diag_offset, softcap, dropout_p=0.0, dropout_seed=None):
     dsinks = q.new_empty((q.shape[1],) if sinks is not None else (0,), dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
@@ -79,7 +102,7 @@ def _triton_bwd_fake(dout, dlse, q, k, v, out, lse, mask, alibi_slopes, sinks, s
 # --------------------------------------------------------------------------- autograd
 
 _FWD_ARGS = tuple(a.name for a in torch.ops.fastattn.triton_fwd.default._schema.arguments)
-_SCALARS = ("scale", "window_left", "window_right", "diag_offset", "softcap")
+_SCALARS = ("scale", "window_left", "window_right", "diag_offset", "softcap", "dropout_p")
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,7 +110,8 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["mask"], args["alibi_slopes"],
                           args["sinks"])
-    ctx.scalars = {name: args[name] for name in _SCALARS}
+    ctx.scalars = {name: args[name] for name in _SCALARS if name in args}
+    ctx.dropout_seed = args.get("dropout_seed")  # the forward's keep-mask, regenerated by the backward
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
 
 
@@ -95,7 +119,8 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, alibi_slopes, sinks = ctx.saved_tensors
     if dout is None:  # only the lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv, dsinks = triton_bwd(dout, dlse, q, k, v, out, lse, mask, alibi_slopes, sinks, **ctx.scalars)
+    dq, dk, dv, dsinks = triton_bwd(dout, dlse, q, k, v, out, lse, mask, alibi_slopes, sinks, **ctx.scalars,
+                                    dropout_seed=ctx.dropout_seed)
     grads = {"q": dq, "k": dk, "v": dv}
     if sinks is not None and ctx.needs_input_grad[_FWD_ARGS.index("sinks")]:
         grads["sinks"] = dsinks.to(sinks.dtype)
