@@ -18,9 +18,9 @@
 #                 CUDA graphs and the host's fast path                              -> tests.log
 #   tests-cuda    pytest -v -n 8: test_cuda_backend.py + test_kernel.py + test_graphs.py -k cuda -> tests.log
 #   bench     python -m benchmarks.attention --grid key kernels (ceilings first) -> bench.csv
-#   flex      the same cases for FlexAttention (compiles per shape: last)  -> bench.csv
+#   bwd       the same key grid, backward (autograd.grad; peak memory)     -> bench.csv
+#   varlen    varlen prefill vs padded SDPA, paged decode vs copy bandwidth -> check.log
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
-#   rowmask   the same with a per-row mask (padded causal batch), 5 configs -> sweep.csv
 #   sweep256  the same at head dim 256, 5 configs                          -> sweep.csv
 #   splits    the CUDA op's split-KV decode against its number of splits  -> check.log
 #   model     Llama-3-8B-shaped layers, sdpa vs fastattn                   -> model.csv
@@ -178,7 +178,8 @@ if [ -n "${TEST_FILES:-}" ]; then  # an explicit selection: one run over it, no 
   read -r -a FILES <<<"$TEST_FILES"
   TEST_RUNS=("tests|||${FILES[*]}")
 else
-  TEST_RUNS=("tests-triton|not cuda|90|$(existing tests/test_kernel.py tests/test_frontend.py tests/test_dispatch.py \
+  TEST_RUNS=("tests-triton|not cuda|90|$(existing tests/test_kernel.py tests/test_kernel_bwd.py tests/test_kernel_dropout.py \
+                tests/test_backward.py tests/test_varlen.py tests/test_frontend.py tests/test_dispatch.py \
                 tests/test_compile.py tests/test_transformers*.py tests/test_torch_sdpa.py tests/test_graphs.py \
                 tests/test_hostcost.py | tr '\n' ' ')"
              "tests-cuda|cuda|60|$(existing tests/test_cuda_backend.py tests/test_kernel.py tests/test_graphs.py | tr '\n' ' ')")
@@ -233,24 +234,24 @@ sed 's/^/  /' <<<"$TEST_OUTCOMES" | head -n 30
 BENCH=(-m benchmarks.attention --csv "$OUT/bench.csv" --run-timestamp "$RUN_TS" --no-plot)
 if [ "$DRY" = 1 ]; then
   stage bench 60 100 30 "$LOG" "$PY" "${BENCH[@]}" --cpu --quick --no-interpreter
-  skip flex "dry run (FlexAttention runs on CUDA only)"
+  skip bwd "dry run (would run: $PY ${BENCH[*]} --grid key --mode bwd)"
+  skip varlen "dry run (would run: $PY -m benchmarks.varlen)"
 else
   stage bench 90 125 30 "$LOG" "$PY" "${BENCH[@]}" --grid key kernels --exclude flex
-  stage flex 45 105 20 "$LOG" "$PY" "${BENCH[@]}" --grid key --providers flex
+  # the Triton backward (time of autograd.grad, peak memory) against each torch SDPA backend
+  stage bwd 45 105 20 "$LOG" "$PY" "${BENCH[@]}" --grid key --mode bwd --exclude flex
+  # varlen prefill against padded SDPA, paged decode as % of copy bandwidth (rows go to check.log)
+  stage varlen 30 90 15 "$LOG" "$PY" -m benchmarks.varlen
 fi
 
 # ---------------------------------------------------------------- block-size sweep
 SWEEP=(-m benchmarks.sweep --csv "$OUT/sweep.csv" --run-timestamp "$RUN_TS")
 if [ "$DRY" = 1 ]; then
   stage sweep 60 60 20 "$LOG" "$PY" "${SWEEP[@]}" --dry-run
-  stage rowmask 60 40 20 "$LOG" "$PY" "${SWEEP[@]}" --dry-run --row-mask --configs 64x64x4x3
   skip sweep256 "dry run (the interpreter's stand-in has head dim 64 whatever is asked)"
   skip splits "dry run (would run: $PY -m benchmarks.cuda_splits)"
 else
   stage sweep 40 90 15 "$LOG" "$PY" "${SWEEP[@]}" --jobs 8
-  # per-row masks: the spilling default against spill-free smaller tiles (see block_config)
-  stage rowmask 30 75 15 "$LOG" "$PY" "${SWEEP[@]}" --jobs 8 --row-mask \
-    --configs 128x64x8x3 128x32x8x3 64x64x4x3 64x32x8x3 128x128x8x2
   # head dim 256: the Triton kernel ran at 0.26x of cuDNN on its 64 x 32 tiles (e52d2bb)
   stage sweep256 30 60 15 "$LOG" "$PY" "${SWEEP[@]}" --jobs 8 --head-dim 256 \
     --configs 64x32x8x2 64x64x8x2 128x32x8x2 64x32x4x3 128x64x8x2

@@ -104,46 +104,30 @@ def test_training_matches_transformers_attention(arch, dtype):
 # --------------------------------------------------------------------------- QLoRA: a 4-bit model with adapters
 
 
-class LoRA(torch.nn.Module):
-    """A low-rank adapter around a frozen (4-bit) projection, as peft's LoRA layers are
-    (peft itself is not needed for what fastattn sees: fp32 activations and trainable
-    float32 weights beside a quantized model). ``up`` starts non-zero, so the adapters
-    get gradients through attention from the first step."""
-
-    def __init__(self, base, rank=4):
-        super().__init__()
-        self.base = base
-        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features, device=DEVICE) * 0.1)
-        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank, device=DEVICE) * 0.1)
-
-    def forward(self, x):
-        return self.base(x) + (x.float() @ self.down.T @ self.up.T).to(x.dtype)
-
-
 def _qlora_model(path, attn):
+    """A bitsandbytes 4-bit model prepared for k-bit training and given LoRA adapters on q/v by
+    peft, as QLoRA does; the adapters start non-zero (``init_lora_weights=False``), so they get
+    gradients through attention from the first step."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e .[test])")
     from .test_transformers_models import _quant_config
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, attn_implementation=attn, quantization_config=_quant_config("nf4-bfloat16"), dtype=torch.bfloat16,
         device_map=DEVICE)
-    for p in model.parameters():
-        p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16):  # as peft's prepare_model_for_kbit_training
-            p.data = p.data.float()
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # norms to fp32
     torch.manual_seed(7)
-    adapters = []
-    for layer in model.model.layers:
-        for name in ("q_proj", "v_proj"):
-            lora = LoRA(getattr(layer.self_attn, name))
-            setattr(layer.self_attn, name, lora)
-            adapters += [lora.down, lora.up]
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                             init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
     return model.train(), adapters
 
 
 def test_qlora_adapters_train_alike(tmp_path):
-    """bitsandbytes 4-bit Llama, norms upcast to fp32, LoRA adapters on q/v: fp32 activations
-    reach fastattn, which runs the kernel in the model's bf16 compute dtype, forward and
-    backward. Losses over 3 steps and the adapters' first gradients match Transformers' sdpa
+    """QLoRA: a bitsandbytes 4-bit Llama with peft's LoRA adapters on q/v (norms upcast to fp32 by
+    prepare_model_for_kbit_training): fp32 activations reach fastattn, which runs the kernel in the
+    model's bf16 compute dtype, forward and backward. Losses over 3 steps and the adapters' first gradients match Transformers' sdpa
     (fp32 attention) within bf16's tolerance (measured: losses 6e-5 apart relative, the
     adapters' gradients 0.8% of their largest; allowed 3%)."""
     from .test_transformers_models import _bnb
