@@ -1,7 +1,7 @@
 """Compile the Triton backward kernels for a GPU target without a GPU (used by test_triton_compile_bwd.py).
 
-Runs as its own process, as _compile_kernels.py does for the forward (whose resource
-reader it reuses). Usage: python tests/_compile_bwd_kernels.py ARCH VARIANT [VARIANT ...];
+Runs as its own process, as _compile_kernels.py does for the forward (whose compile
+function and resource reader it reuses). Usage: python tests/_compile_bwd_kernels.py ARCH VARIANT [VARIANT ...];
 prints one JSON line per (variant, kernel).
 """
 import json
@@ -11,39 +11,9 @@ import sys
 os.environ["TRITON_INTERPRET"] = "0"
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from _compile_kernels import resource_usage  # noqa: E402
+from _compile_kernels import compile_kernel, resource_usage  # noqa: E402
 from fastattn.kernels.triton import flash_bwd  # noqa: E402
-
-FLOAT_ARGS = {"qk_scale", "softcap_in", "softcap_out", "sm_scale", "dropout_p"}
-INT64_ARGS = {"dropout_seed", "dropout_offset"}
-# Contiguous last dims, as a launch on such tensors specializes them (ints equal to 1 are constants).
-UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_dqd", "stride_dkd",
-                "stride_dvd", "stride_lm", "stride_mn", "stride_glm"}
-
-
-def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
-    constexprs = dict(constexprs)
-    signature, attrs = {}, {}
-    for name in fn.arg_names:
-        index = (fn.arg_names.index(name),)
-        if name in UNIT_STRIDES and name not in constexprs:
-            constexprs[name] = 1
-        if name in pointers:
-            signature[name] = "*" + pointers[name]
-            attrs[index] = [["tt.divisibility", 16]]
-        elif name in constexprs:
-            signature[name] = "constexpr"
-        else:
-            signature[name] = "fp32" if name in FLOAT_ARGS else "i64" if name in INT64_ARGS else "i32"
-            if name.startswith("stride_"):
-                attrs[index] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def backward_variant(kernel, dtype="bf16", E=128, Ev=None, mask=0, mask_rows=True, left=False, right=True,

@@ -16,11 +16,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastattn.kernels.triton import flash_fwd  # noqa: E402
 
-FLOAT_ARGS = {"qk_scale", "softcap_in", "softcap_out", "dropout_p"}
+# The forward's and the backward's (tests/_compile_bwd_kernels.py compiles with this function too).
+FLOAT_ARGS = {"qk_scale", "softcap_in", "softcap_out", "sm_scale", "dropout_p"}
 INT64_ARGS = {"dropout_seed", "dropout_offset"}  # a training run's Philox offset outgrows int32
 
 
-UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_pd", "stride_mn"}
+UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_pd", "stride_mn",
+                "stride_dod", "stride_dqd", "stride_dkd", "stride_dvd", "stride_lm", "stride_glm"}
 
 
 def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):

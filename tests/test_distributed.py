@@ -2,9 +2,6 @@
 Triton kernels through the interpreter: each rank's out and gradients, put back in
 sequence order, against one process's fp64 reference over the whole sequence."""
 import os
-import socket
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -14,7 +11,8 @@ import torch
 from fastattn.distributed import ring_blocks, ring_flash_attn_func, sequence_slices, shard_sequence, unshard_sequence
 from fastattn.testing import GRADIENT_FACTOR, assert_close_by_rule, reference_attention, reference_gradients
 
-ROOT = Path(__file__).resolve().parent.parent
+from ._ranks import run_ranks
+
 
 # name: (world, dtype, causal, layout, total length, query heads, K/V heads, head dim)
 CASES = {
@@ -28,12 +26,6 @@ CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _inputs(dtype, total, hq, hkv, dim):
     q = torch.randn(1, total, hq, dim, dtype=dtype)
     k = torch.randn(1, total, hkv, dim, dtype=dtype)
@@ -45,29 +37,8 @@ def _inputs(dtype, total, hq, hkv, dim):
 def _launch(world, cases, tmp: Path):
     """Run tests/_distributed_worker.py on ``world`` ranks as torchrun would; returns each rank's results."""
     torch.save(cases, tmp / "cases.pt")
-    _run_ranks(world, "_distributed_worker.py", [str(tmp / "cases.pt"), str(tmp)])
+    run_ranks(world, "_distributed_worker.py", [str(tmp / "cases.pt"), str(tmp)])
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
-
-
-def _run_ranks(world, script, args):
-    """Start ``tests/<script> *args`` on ``world`` ranks with torchrun's environment; wait for all."""
-    env = dict(os.environ, TRITON_INTERPRET="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / script), *args],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=900)[0])
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +97,7 @@ def test_transformers_llama_context_parallel_equals_one_process(tmp_path):
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     ids = torch.randint(0, 96, (1, 30))
     torch.save(ids, tmp_path / "ids.pt")
-    _run_ranks(2, "_cp_worker.py", [str(tmp_path)])
+    run_ranks(2, "_cp_worker.py", [str(tmp_path)])
     ranks = [torch.load(tmp_path / f"cp-rank{r}.pt") for r in range(2)]
 
     def one_process(dtype):

@@ -4,27 +4,18 @@ each rank's attention sees its local heads (2 query, 1 K/V: one K/V head per ran
 logits equal the single-process model's: float32 (fastattn's fp32 path) to float32 rounding,
 bfloat16 (the Triton kernel, through the interpreter) within twice the single-process bf16
 model's own error against the float32 model."""
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from ._ranks import run_ranks
+
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 
 pytestmark = pytest.mark.slow  # spawns gloo ranks: the slow tier (--full)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +31,7 @@ def tiny_llama(tmp_path_factory):
 
 
 def _launch(path: Path, dtype: str):
-    env = dict(os.environ, TRITON_INTERPRET="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_tp_worker.py"), str(path), dtype],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+    run_ranks(WORLD, "_tp_worker.py", [str(path), dtype], timeout=600)
     return [torch.load(path / f"{dtype}-rank{r}.pt") for r in range(WORLD)]
 
 

@@ -177,14 +177,18 @@ def test_output_attentions_returns_eager_weights():
     assert (w[keep.unsqueeze(1).expand_as(w[..., 0])] - ref_w[keep.unsqueeze(1).expand_as(w[..., 0])]).abs().max() < 1e-5
 
 
-def test_dropout_in_training_runs_fallback():
+def test_dropout_in_training_runs_on_the_kernel():
     module = FakeAttention(training=True)
     q, k, v = qkv(dtype=torch.float16)
     with hf.record_backends() as records:
         out, _ = hf.attention_forward(module, q, k, v, None, dropout=0.5)
-    assert records[0].backend == "sdpa" and any("dropout" in r for r in records[0].why_not_triton)
+    assert records[0].backend == "triton"
     no_drop, _ = hf.attention_forward(module, q, k, v, None, dropout=0.0)
     assert out.shape == no_drop.shape and not torch.equal(out, no_drop)
+    # fp32 has no kernel: the fallback drops, and says why the kernel did not run
+    with hf.record_backends() as records:
+        out, _ = hf.attention_forward(module, *(t.float() for t in (q, k, v)), None, dropout=0.5)
+    assert records[0].backend == "sdpa" and not torch.equal(out, no_drop.float())
 
 
 def test_fp32_activations_in_half_model_run_in_half_once_warned():
