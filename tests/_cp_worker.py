@@ -29,6 +29,7 @@ def main(path: str) -> None:
     grad = model.get_input_embeddings().weight.grad.float()
     dist.all_reduce(grad)  # every rank's part of the gradient
     torch.save(dict(logits=logits.detach(), grad=grad), os.path.join(path, f"cp-rank{rank}.pt"))
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -14,11 +14,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world, script, args, timeout=900):
-    """Start ``tests/<script> *args`` on ``world`` ranks with torchrun's environment; wait for all."""
+def run_ranks(world, script, args, timeout=900, **extra_env):
+    """Start ``tests/<script> *args`` on ``world`` ranks with torchrun's environment (plus
+    ``extra_env``); wait for all."""
     env = dict(os.environ, TRITON_INTERPRET="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra_env)
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / script), *args],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

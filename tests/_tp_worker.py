@@ -35,6 +35,7 @@ def main(path: str, dtype_name: str) -> None:
         logits = logits.full_tensor()
     torch.save(dict(logits=logits, shapes=shapes, backends=backends),
                os.path.join(path, f"{dtype_name}-rank{dist.get_rank()}.pt"))
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 

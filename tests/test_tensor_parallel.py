@@ -31,7 +31,7 @@ def tiny_llama(tmp_path_factory):
 
 
 def _launch(path: Path, dtype: str):
-    run_ranks(WORLD, "_tp_worker.py", [str(path), dtype], timeout=600)
+    run_ranks(WORLD, "_tp_worker.py", [str(path), dtype], timeout=600, LOCAL_WORLD_SIZE=str(WORLD))
     return [torch.load(path / f"{dtype}-rank{r}.pt") for r in range(WORLD)]
 
 
