@@ -27,18 +27,20 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 1
     return tuple(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)))
 
 
-def time_cpu(fns: dict[str, Callable[[], object]], repeats: int = 21, batch_s: float = 0.005,
-             warmup: int = 3) -> dict[str, tuple[float, float, float]]:
-    """p20/p50/p80 in ms per call, for host-side work. The functions are interleaved
-    (one batch each in turn) so that drift in clock speed hits all of them alike;
-    each batch repeats one function enough times to last ``batch_s``."""
+def interleaved_samples(fns: dict[str, Callable[[], object]], repeats: int, batch_s: float, warmup: int = 3,
+                        calibrate: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, one sample per batch. The functions are interleaved
+    (one batch each in turn) so that drift in clock speed hits all of them alike; each batch
+    repeats one function enough times to last ``batch_s`` (worked out from ``calibrate`` calls
+    after ``warmup`` ones)."""
     counts = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
         t0 = time.perf_counter()
-        fn()
-        once = max(time.perf_counter() - t0, 1e-7)
+        for _ in range(calibrate):
+            fn()
+        once = max((time.perf_counter() - t0) / calibrate, 1e-8)
         counts[name] = max(1, int(batch_s / once))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -47,8 +49,15 @@ def time_cpu(fns: dict[str, Callable[[], object]], repeats: int = 21, batch_s: f
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3 / n)
-    return {name: percentiles(s) for name, s in samples.items()}
+            samples[name].append((time.perf_counter() - t0) / n)
+    return samples
+
+
+def time_cpu(fns: dict[str, Callable[[], object]], repeats: int = 21, batch_s: float = 0.005,
+             warmup: int = 3) -> dict[str, tuple[float, float, float]]:
+    """p20/p50/p80 in ms per call, for host-side work (see :func:`interleaved_samples`)."""
+    samples = interleaved_samples(fns, repeats, batch_s, warmup)
+    return {name: percentiles([t * 1e3 for t in s]) for name, s in samples.items()}
 
 
 def percentiles(samples: Sequence[float]) -> tuple[float, float, float]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 import fastattn
 
-from .measure import run_info
+from .measure import interleaved_samples, run_info
 from .report import append_rows
 
 COLUMNS = ["timestamp", "commit", "device", "torch", "transformers", "threads", "case", "counterpart", "theirs_min_us",
@@ -131,32 +130,12 @@ def transformers_cases() -> list[Case]:
     ]
 
 
-def time_pair(fns: dict[str, Callable[[], object]], repeats: int, batch_s: float) -> dict[str, list[float]]:
-    """Microseconds per call of each function, one sample per batch, the functions in turn."""
-    counts = {}
-    for name, fn in fns.items():
-        for _ in range(20):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            fn()
-        counts[name] = max(1, int(batch_s / max((time.perf_counter() - t0) / 20, 1e-8)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            n = counts[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - t0) * 1e6 / n)
-    return samples
-
-
 def measure(cases: list[Case], repeats: int, batch_s: float) -> list[dict]:
     rows = []
     for case in cases:
         with torch.no_grad():
-            samples = time_pair({"theirs": case.reference, "fastattn": case.fastattn}, repeats, batch_s)
+            samples = {name: [t * 1e6 for t in times] for name, times in interleaved_samples(  # us per call
+                {"theirs": case.reference, "fastattn": case.fastattn}, repeats, batch_s, warmup=20, calibrate=20).items()}
         theirs, ours = samples["theirs"], samples["fastattn"]
         rows.append(dict(case=case.name, counterpart=case.counterpart, theirs_min_us=min(theirs),
                          theirs_p50_us=statistics.median(theirs), fastattn_min_us=min(ours),
