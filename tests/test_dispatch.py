@@ -233,6 +233,37 @@ def test_decisions_are_cached():
 # --------------------------------------------------------------------------- device guard
 
 
+def _record_launches(monkeypatch, module, kernels):
+    """Replace ``module``'s device_guard with one that records the device it was given (and
+    passes it on to the real guard), and its ``kernels`` with launches that record which
+    devices were current. Returns the list of (kernel, devices) launches."""
+    active, launches = [], []
+    real_guard = module.device_guard
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        with real_guard(device):
+            active.append(device)
+            try:
+                yield
+            finally:
+                active.pop()
+
+    class RecordingKernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, list(active)))
+            return launch
+
+    monkeypatch.setattr(module, "device_guard", recording_guard)  # imported by name: each launcher's own
+    for name in kernels:
+        monkeypatch.setattr(module, name, RecordingKernel(name))
+    return launches
+
+
 def test_launch_happens_under_the_inputs_device(monkeypatch):
     """Under device_map, layers live on different GPUs: the launch must run with the
     tensors' device current, never the process's current device. Two links, each checked
@@ -242,7 +273,6 @@ def test_launch_happens_under_the_inputs_device(monkeypatch):
     from fastattn.kernels.triton import flash_fwd
 
     active = []
-    launches = []
 
     @contextlib.contextmanager
     def fake_cuda_device(device):
@@ -257,28 +287,22 @@ def test_launch_happens_under_the_inputs_device(monkeypatch):
         assert active == [torch.device("cuda", 1)]
     assert active == []
 
-    real_guard = flash_fwd.device_guard
-
-    @contextlib.contextmanager
-    def recording_guard(device):
-        with real_guard(device):
-            active.append(device)
-            try:
-                yield
-            finally:
-                active.pop()
-
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(list(active))
-            return launch
-
-    monkeypatch.setattr(flash_fwd, "device_guard", recording_guard)
-    monkeypatch.setattr(flash_fwd, "_flash_fwd_kernel", RecordingKernel())
+    launches = _record_launches(monkeypatch, flash_fwd, ["_flash_fwd_kernel"])
     q, k, v = (t.cpu() for t in half_inputs())
     flash_fwd.flash_attn_forward(q, k, v, scale=0.1)
-    assert launches == [[q.device]]
+    assert launches == [("_flash_fwd_kernel", [q.device])]
+
+
+def test_backward_launches_happen_under_the_inputs_device(monkeypatch):
+    """The backward's three launches (delta preprocess, dK/dV, dQ) as well."""
+    from fastattn.kernels.triton import flash_bwd
+
+    kernels = ["_bwd_preprocess_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel"]
+    launches = _record_launches(monkeypatch, flash_bwd, kernels)
+    q, k, v = (torch.randn(1, 2, 16, 16, dtype=torch.float16) for _ in range(3))
+    out, do = torch.randn_like(q), torch.randn_like(q)
+    flash_bwd.flash_attn_backward(do, q, k, v, out, torch.randn(1, 2, 16), scale=0.25)
+    assert launches == [(name, [q.device]) for name in kernels]
 
 
 def test_device_guard_is_a_no_op_on_cpu(monkeypatch):
