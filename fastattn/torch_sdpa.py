@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 
 NAME = "fastattn"
-MAX_HEAD_DIM = 256
 
 # (op name, "fastattn" | "torch") -> calls since import: which implementation ran.
 counts: collections.Counter = collections.Counter()
@@ -110,8 +109,13 @@ def _to_torch(name, keyset, *args, **kwargs):
 
 def _reasons(query, key, value, dropout_p=0.0, return_debug_mask=False, alibi_slopes=None, cum_seq_q=None,
              seqused_k=None, block_table=None) -> list:
-    """Why fastattn's kernels cannot run this call (empty: they can)."""
-    reasons = []
+    """Why fastattn's kernels cannot run this call (empty: they can). The dtypes and head dims
+    are the triton backend's own declarations; the rest is what these ops ask beyond them."""
+    from .dispatch import registered_backends
+
+    triton = registered_backends()["triton"]
+    supported = triton.forward
+    reasons = list(triton.availability())
     if not (query.device == key.device == value.device) or query.device.type not in ("cuda", "cpu"):
         reasons.append(f"tensors on {query.device}, {key.device}, {value.device}")
     if query.device.type == "cpu":
@@ -119,10 +123,11 @@ def _reasons(query, key, value, dropout_p=0.0, return_debug_mask=False, alibi_sl
 
         if not interpreting():
             reasons.append("CPU tensors outside the Triton interpreter")
-    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float16, torch.bfloat16):
-        reasons.append(f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (supported: float16, bfloat16)")
-    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
-        reasons.append(f"head_dim={max(query.shape[-1], value.shape[-1])} (supported: <= {MAX_HEAD_DIM})")
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in supported.dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in supported.dtypes)
+        reasons.append(f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (supported: {names})")
+    if max(query.shape[-1], value.shape[-1]) > supported.max_head_dim:
+        reasons.append(f"head_dim={max(query.shape[-1], value.shape[-1])} (supported: <= {supported.max_head_dim})")
     if dropout_p != 0.0:
         reasons.append(f"dropout_p={dropout_p}")
     if return_debug_mask:
