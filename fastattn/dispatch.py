@@ -99,6 +99,7 @@ def priority(features: Features) -> list[str]:
 # --------------------------------------------------------------------------- forcing
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastattn_forced_backend", default=None)
+_forced_get = _forced.get  # for the plan key
 
 
 def _check_name(name: str, source: str) -> str:
@@ -324,8 +325,9 @@ class Plan:
     tensors to torch's SDPA unchanged -- a function that does so (``as_is``).
 
     ``relies_on``: the backends whose availability the choice rests on, with what it was: the
-    chosen one, and any ahead of it that nothing but its availability kept out. Whenever one of
-    them says otherwise the plan is not used (no cache is cleared from outside: the
+    chosen one, and any ahead of it that nothing but its availability kept out, less those that
+    are always available (the sdpa backend: its plans read no availability at all). Whenever one
+    of them says otherwise the plan is not used (no cache is cleared from outside: the
     availability is part of what the plan depends on). Reading it for these few instead of every
     backend saves most of a microsecond per call."""
 
@@ -340,7 +342,7 @@ def _key(signature: tuple) -> tuple:
     """A plan's key: the call's signature and the rest of what a decision reads but backends'
     availability (see Plan.relies_on) -- the forced backend, the environment (FASTATTN_BACKEND,
     FASTATTN_STRICT, TRITON_INTERPRET) and torch's four SDPA switches."""
-    return (signature, _forced.get(), decision_environment(), _flash_sdp(), _efficient_sdp(), _math_sdp(),
+    return (signature, _forced_get(), decision_environment(), _flash_sdp(), _efficient_sdp(), _math_sdp(),
             _cudnn_sdp())
 
 
@@ -348,12 +350,13 @@ def cached_plan(signature: Optional[tuple]) -> Optional[Plan]:
     """The plan made for an earlier call with this signature in the present state, or None."""
     if signature is None:
         return None
-    plan = _plans.get(_key(signature))
-    if plan is None:
-        return None
-    for backend, available in plan.relies_on:
-        if backend.availability() != available:
-            return None
+    # _key(signature), spelled out: this runs once per call, and a call costs a tenth of a microsecond
+    plan = _plans.get((signature, _forced_get(), decision_environment(), _flash_sdp(), _efficient_sdp(), _math_sdp(),
+                       _cudnn_sdp()))
+    if plan is not None and plan.relies_on:
+        for backend, available in plan.relies_on:
+            if backend.availability() != available:
+                return None
     return plan
 
 
@@ -370,7 +373,8 @@ def plan(call: AttentionCall, signature: Optional[tuple], layout: object = None,
     for name, reasons in decision.verdicts:
         candidate = _REGISTRY[name]
         available = candidate.availability()
-        if name == decision.chosen or all(reason in available for reason in reasons):
+        relied_on = name == decision.chosen or all(reason in available for reason in reasons)
+        if relied_on and not candidate.always_available():
             relies_on.append((candidate, available))
         if name == decision.chosen:
             break

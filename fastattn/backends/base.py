@@ -121,5 +121,11 @@ class Backend:
         """Reasons this backend cannot run anything in this process (empty = available)."""
         return []
 
+    @classmethod
+    def always_available(cls) -> bool:
+        """True when :meth:`availability` is this class's, which never has a reason: the plans
+        that rest on such a backend need not ask it again (see dispatch.Plan.relies_on)."""
+        return cls.availability is Backend.availability
+
     def __repr__(self) -> str:
         return f"<fastattn backend {self.name!r}>"
