@@ -485,3 +485,32 @@ def test_packed_gqa_decode_with_a_mask_gives_the_reference(mask_shape):
     ref, _ = reference_attention(q, k, v, mask=mask)
     assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs[1].double(), ref, atol=1e-5, rtol=0)
+
+
+class OpRecorder(TorchDispatchMode):
+    """The names of the ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of triton on the CPU")
+def test_inference_launches_the_kernel_without_the_custom_op():
+    """Eager calls that need no gradient launch the Triton kernel directly: the custom op's
+    dispatch costs more host time than a decode step's launch (benchmarks/results/README.md).
+    Calls that need one take the op, whose autograd formula runs the backward kernel."""
+    q, k, v = (t.half() for t in _sdpa_good())
+    assert fastattn.explain(q, k, v, enable_gqa=True).chosen == "triton"
+    with OpRecorder() as recorder:
+        out = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert not any("fastattn.triton_fwd" in op for op in recorder.ops)
+    q.requires_grad_(True)
+    with OpRecorder() as recorder:
+        trained = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert any("fastattn.triton_fwd" in op for op in recorder.ops)
+    assert torch.equal(out, trained.detach())  # one kernel, one launch: the same bits
