@@ -23,6 +23,7 @@
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
 #   sweep256  the same at head dim 256, 5 configs                          -> sweep.csv
 #   splits    the CUDA op's split-KV decode against its number of splits  -> check.log
+#   overhead  host time per call against torch / Transformers (bf16)     -> check.log
 #   model     Llama-3-8B-shaped layers, sdpa vs fastattn                   -> model.csv
 #   hfmodel   the same through Transformers' LlamaForCausalLM               -> model.csv
 #   report    stage table + compact tables + goals                        -> summary.md, bench.png
@@ -257,6 +258,13 @@ else
     --configs 64x32x8x2 64x64x8x2 128x32x8x2 64x32x4x3 128x64x8x2
   # the CUDA op's split-KV decode against its number of splits
   stage splits 30 50 10 "$LOG" "$PY" -m benchmarks.cuda_splits
+fi
+
+# ---------------------------------------------------------------- host cost per call (rows go to check.log)
+if [ "$DRY" = 1 ]; then
+  stage overhead 30 50 10 "$LOG" "$PY" -m benchmarks.overhead --quick
+else
+  stage overhead 20 50 10 "$LOG" "$PY" -m benchmarks.overhead --device cuda
 fi
 
 # ---------------------------------------------------------------- model

@@ -5,6 +5,12 @@ runs torch's SDPA underneath, so every difference is fastattn's own host time.
     python -m benchmarks.overhead                  # the table
     python -m benchmarks.overhead --csv out.csv    # and one CSV row per case
     python -m benchmarks.overhead --quick          # fewer repeats (a smoke run)
+    python -m benchmarks.overhead --device cuda    # on a GPU, bf16: host time per call, launch included
+
+On a GPU the loops never wait for the device (a tiny kernel finishes before the next launch is
+ready), so the figures are host time per call there too, and the sliding-window decode case
+runs fastattn's Triton kernel (torch's counterpart: SDPA with the window as a bool mask, what
+Transformers' sdpa path does; on the CPU fastattn's fallback builds that mask per call).
 
 Each case is a pair: the counterpart (what a user calls without fastattn) and fastattn's call on
 the same inputs, timed in alternating short batches, so that a busy or drifting machine slows
@@ -43,10 +49,14 @@ class Case:
     backend: str = ""  # what fastattn ran
 
 
+_ON = {"device": "cpu", "dtype": torch.float32}  # where the cases' tensors live (main() sets it)
+
+
 def _qkv(B, Hq, Hkv, L, S, E, layout="bhsd"):
     if layout == "bshd":
-        return torch.randn(B, L, Hq, E), torch.randn(B, S, Hkv, E), torch.randn(B, S, Hkv, E)
-    return torch.randn(B, Hq, L, E), torch.randn(B, Hkv, S, E), torch.randn(B, Hkv, S, E)
+        return (torch.randn(B, L, Hq, E, **_ON), torch.randn(B, S, Hkv, E, **_ON),
+                torch.randn(B, S, Hkv, E, **_ON))
+    return torch.randn(B, Hq, L, E, **_ON), torch.randn(B, Hkv, S, E, **_ON), torch.randn(B, Hkv, S, E, **_ON)
 
 
 def front_end_cases() -> list[Case]:
@@ -54,7 +64,7 @@ def front_end_cases() -> list[Case]:
     cases = []
     sdpa, ours = F.scaled_dot_product_attention, fastattn.scaled_dot_product_attention
     q, k, v = _qkv(2, 4, 2, 1, 32, 16)
-    pad = torch.ones(2, 1, 1, 32, dtype=torch.bool)
+    pad = torch.ones(2, 1, 1, 32, dtype=torch.bool, device=_ON["device"])
     pad[0, ..., :9] = False
     pq, pk, pv = _qkv(2, 4, 2, 16, 16, 16)
     cases += [
@@ -80,6 +90,18 @@ def front_end_cases() -> list[Case]:
         Case("flash_attn_func: prefill 16, causal", "F.sdpa on (B, H, S, D) views",
              lambda: torch_bshd(gq, gk, gv, True), lambda: fastattn.flash_attn_func(gq, gk, gv, causal=True), 3.0),
     ]
+    # No goal: on a GPU the Triton kernel runs it, on the CPU the fallback builds the window's mask.
+    wq, wk, wv = _qkv(2, 8, 2, 1, 256, 64, layout="bshd")
+    window = torch.zeros(1, 1, 1, 256, dtype=torch.bool, device=_ON["device"])
+    window[..., -65:] = True  # flash-attn's window_size=(64, 0) on the last query
+
+    def torch_window(q, k, v):
+        return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=window,
+                    enable_gqa=True).transpose(1, 2).contiguous()
+
+    cases.append(Case("flash_attn_func: decode, window 64", "F.sdpa with the window as a mask",
+                      lambda: torch_window(wq, wk, wv),
+                      lambda: fastattn.flash_attn_func(wq, wk, wv, causal=True, window_size=(64, 0)), None))
     return cases
 
 
@@ -96,15 +118,17 @@ def transformers_cases() -> list[Case]:
 
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          intermediate_size=128, num_hidden_layers=1, vocab_size=100)
-    module = LlamaAttention(config, layer_idx=0).eval()  # real parameters: fastattn reads their dtype
+    module = LlamaAttention(config, layer_idx=0).eval().to(**_ON)  # real parameters: fastattn reads their dtype
     B, S = 2, 32
-    padding = torch.ones(B, S, dtype=torch.bool)  # as create_causal_mask hands it over
+    dev = _ON["device"]
+    padding = torch.ones(B, S, dtype=torch.bool, device=dev)  # as create_causal_mask hands it over
     padding[0, :9] = False  # left padding
-    decode = dict(batch_size=B, q_length=1, kv_length=S, q_offset=S - 1, kv_offset=0, attention_mask=padding)
+    decode = dict(batch_size=B, q_length=1, kv_length=S, q_offset=S - 1, kv_offset=0, attention_mask=padding,
+                  device=dev)
     ref_mask, our_mask = masking_utils.sdpa_mask(**decode), hf.mask_function(**decode)
     q, k, v = _qkv(B, 4, 2, 1, S, 16)
     pq, pk, pv = _qkv(B, 4, 2, 16, 16, 16)
-    prefill = dict(batch_size=B, q_length=16, kv_length=16, attention_mask=padding[:, -16:])
+    prefill = dict(batch_size=B, q_length=16, kv_length=16, attention_mask=padding[:, -16:], device=dev)
     ref_prefill, our_prefill = masking_utils.sdpa_mask(**prefill), hf.mask_function(**prefill)
     scaling = module.scaling
     return [
@@ -123,8 +147,8 @@ def transformers_cases() -> list[Case]:
         Case("mask: decode step with left padding", "masking_utils.sdpa_mask",
              lambda: masking_utils.sdpa_mask(**decode), lambda: hf.mask_function(**decode), 0.0),
         Case("mask: decode step, no padding", "masking_utils.sdpa_mask",
-             lambda: masking_utils.sdpa_mask(**dict(decode, attention_mask=torch.ones(B, S, dtype=torch.bool))),
-             lambda: hf.mask_function(**dict(decode, attention_mask=torch.ones(B, S, dtype=torch.bool))), 0.0),
+             lambda: masking_utils.sdpa_mask(**dict(decode, attention_mask=torch.ones_like(padding))),
+             lambda: hf.mask_function(**dict(decode, attention_mask=torch.ones_like(padding))), 0.0),
         Case("mask: prefill 16 with left padding", "masking_utils.sdpa_mask",
              lambda: masking_utils.sdpa_mask(**prefill), lambda: hf.mask_function(**prefill), None),
     ]
@@ -164,11 +188,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few short batches (smoke run; figures mean little)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the goals assume)")
     parser.add_argument("--no-transformers", action="store_true", help="only the SDPA and flash-attn front ends")
+    parser.add_argument("--device", default="cpu", help="cpu (float32, the goals' setting) or cuda (bfloat16)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    _ON.update(device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     cases = front_end_cases() + ([] if args.no_transformers else transformers_cases())
-    info = run_info(torch.device("cpu"))
+    info = run_info(device)
     try:
         import transformers
         info["transformers"] = transformers.__version__
