@@ -514,3 +514,18 @@ def test_inference_launches_the_kernel_without_the_custom_op():
         trained = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert any("fastattn.triton_fwd" in op for op in recorder.ops)
     assert torch.equal(out, trained.detach())  # one kernel, one launch: the same bits
+
+
+def test_the_fallback_keeps_a_window_mask_for_the_next_call_of_its_sizes():
+    """Each layer of a decode step asks the fallback for the same window mask: built once, the
+    same values as building it anew, and a new one for other sizes or bounds."""
+    from fastattn.backends.sdpa import _position_mask, positional_bias
+
+    q, k, v = (t.transpose(1, 2) for t in _sdpa_good())
+    first = from_flash_args(q, k, v, 0.0, None, True, (2, 0), 0.0, None)
+    again = from_flash_args(q.clone(), k.clone(), v.clone(), 0.0, None, True, (2, 0), 0.0, None)
+    other = from_flash_args(q, k, v, 0.0, None, True, (3, 0), 0.0, None)
+    mask = positional_bias(first)
+    assert positional_bias(again) is mask
+    assert torch.equal(mask, _position_mask(3, 7, 2, 0, first.diag_offset, q.device))
+    assert positional_bias(other) is not mask and not torch.equal(positional_bias(other), mask)

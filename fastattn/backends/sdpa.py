@@ -17,29 +17,60 @@ from .base import Backend, Support
 torch_sdpa = F.scaled_dot_product_attention
 
 
+_POSITION_MASKS: dict[tuple, torch.Tensor] = {}  # (L, S, left, right, diag, device) -> (L, S) bool
+MAX_POSITION_MASKS = 64
+
+
 def positional_bias(call: AttentionCall) -> Optional[torch.Tensor]:
     """The causal/window/ALiBi part of the call as one mask broadcastable to
-    (B, Hq, L, S): bool (True = attend) when there is no ALiBi, else additive float32."""
+    (B, Hq, L, S): bool (True = attend) when there is no ALiBi, else additive float32.
+
+    Without ALiBi the mask depends on sizes and bounds alone and is kept for the next call with
+    the same (every layer of a model's decode step asks for the same one): on the CPU building
+    it costs several times torch's SDPA call on a decode step. Not kept while torch.compile
+    traces or a CUDA graph captures (the tensor would belong to the graph)."""
     L, S = call.seqlen_q, call.seqlen_k
     left, right = call.key_bounds
     device = call.q.device
-    rel = None
-    keep = None
-    if left >= 0 or right >= 0 or call.alibi_slopes is not None:
-        i = torch.arange(L, device=device).unsqueeze(1)
-        j = torch.arange(S, device=device).unsqueeze(0)
-        rel = j - (i + call.diag_offset)  # key position relative to the query's diagonal
-    if right >= 0:
-        keep = rel <= right
-    if left >= 0:
-        keep = rel >= -left if keep is None else keep & (rel >= -left)
-    if call.alibi_slopes is None:
+    if call.alibi_slopes is None and (left >= 0 or right >= 0):
+        if torch.compiler.is_compiling():
+            return _position_mask(L, S, left, right, call.diag_offset, device)
+        key = (L, S, left, right, call.diag_offset, device)
+        keep = _POSITION_MASKS.get(key)
+        if keep is not None:
+            return keep
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return _position_mask(L, S, left, right, call.diag_offset, device)
+        if len(_POSITION_MASKS) >= MAX_POSITION_MASKS:
+            _POSITION_MASKS.clear()
+        keep = _POSITION_MASKS[key] = _position_mask(L, S, left, right, call.diag_offset, device)
         return keep
+    if call.alibi_slopes is None:
+        return None
+    rel = _relative_positions(L, S, call.diag_offset, device)
+    keep = _bounds(rel, left, right)
     slopes = call.alibi_slopes.to(device=device, dtype=torch.float32)[:, :, None, None]
     bias = -slopes * rel.abs().to(torch.float32)
     if keep is not None:
         bias = bias.masked_fill(~keep, float("-inf"))
     return bias
+
+
+def _relative_positions(L: int, S: int, diag: int, device) -> torch.Tensor:
+    """(L, S): each key's position relative to the query's diagonal."""
+    return torch.arange(S, device=device)[None, :] - (torch.arange(L, device=device)[:, None] + diag)
+
+
+def _bounds(rel: torch.Tensor, left: int, right: int) -> Optional[torch.Tensor]:
+    """Where ``-left <= rel <= right`` (a bound of -1 is none); None when there is no bound."""
+    keep = rel <= right if right >= 0 else None
+    if left >= 0:
+        keep = rel >= -left if keep is None else keep & (rel >= -left)
+    return keep
+
+
+def _position_mask(L: int, S: int, left: int, right: int, diag: int, device) -> torch.Tensor:
+    return _bounds(_relative_positions(L, S, diag, device), left, right)
 
 
 def combine_masks(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
