@@ -18,6 +18,7 @@ from fastattn.testing import GRADIENT_FACTOR, assert_close_by_rule, reference_at
 
 from .conftest import DEVICE
 from .test_backward import dout_like, leaves
+from .test_compile import _recording_aot_backend
 
 DTYPES = [torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp16", "bf16"]
@@ -66,12 +67,11 @@ def backward(out, lse, dout, dlse):
 
 def check_varlen_grads(tensors, lens_q, lens_k, *, use_lse=False, max_seqlen=None, **kw):
     """flash_attn_varlen_func on fresh leaves of ``tensors`` (q, k, v[, sinks]) against the
-    per-sequence reference; ``kw``: the front end's keywords (window_size, softcap, ...)."""
+    per-sequence reference. ``kw``: causal, window, softcap, alibi_slopes (both take them;
+    the front end's window is window_size) and softmax_scale (the reference's scale)."""
     sinks_given = len(tensors) > 3 and tensors[3] is not None
-    api = {key: value for key, value in kw.items() if key != "window"}
-    if "window" in kw:
-        api["window_size"] = kw["window"]
-    ref_kw = {key: value for key, value in kw.items() if key not in ("softmax_scale", "window_size")}
+    api = {("window_size" if key == "window" else key): value for key, value in kw.items()}
+    ref_kw = {key: value for key, value in kw.items() if key != "softmax_scale"}
     ref_kw["scale"] = kw.get("softmax_scale")
     max_q, max_k = max_seqlen or (max(lens_q), max(lens_k))
 
@@ -298,12 +298,6 @@ def test_varlen_ops_pass_opcheck():
     out, lse = triton_varlen_fwd(*fwd_args)
     torch.library.opcheck(triton_varlen_bwd, (torch.randn_like(out), torch.randn_like(lse), q, q, q, out, lse, None,
                                               sinks, *index, 3, 12, 12, 0.2, -1, 0, True, 0.0))
-
-
-def _recording_aot_backend(graphs):
-    from .test_compile import _recording_aot_backend as recording
-
-    return recording(graphs)
 
 
 def test_compiled_varlen_training_step():
