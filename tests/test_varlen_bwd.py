@@ -302,7 +302,8 @@ def test_varlen_ops_pass_opcheck():
 
 def test_compiled_varlen_training_step():
     """A varlen training step compiles with fullgraph=True; the backward graph holds the varlen
-    backward op, and loss and gradients are eager's, bitwise (the same kernels run)."""
+    backward op, loss and gradients are eager's, bitwise (the same kernels run), and a batch
+    with other lengths (the same token count) reuses both graphs."""
     lens = [5, 0, 12, 30]
     q, k, v = packed_inputs(lens, lens, 4, 2, 32, 32, torch.bfloat16)
     weights = torch.randn_like(q)
@@ -311,19 +312,21 @@ def test_compiled_varlen_training_step():
         out = fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_q, 30, 30, causal=True)
         return (out.float() * weights.float()).sum()
 
-    def step(loss_fn):
+    def step(loss_fn, lengths):
         ts = leaves(q, k, v)
-        loss = loss_fn(*ts, cu(lens))
+        loss = loss_fn(*ts, cu(lengths))
         loss.backward()
         return loss.detach(), [t.grad for t in ts]
 
     with fastattn.use_backend("triton"):
-        want, want_grads = step(loss_of)
         graphs = []
         torch._dynamo.reset()
-        got, got_grads = step(torch.compile(loss_of, backend=_recording_aot_backend(graphs), fullgraph=True))
-    assert len(graphs) == 2, "expected one forward and one backward graph"
-    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+        compiled = torch.compile(loss_of, backend=_recording_aot_backend(graphs), fullgraph=True)
+        for lengths in (lens, [30, 17, 0, 0]):
+            want, want_grads = step(loss_of, lengths)
+            got, got_grads = step(compiled, lengths)
+            assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+    assert len(graphs) == 2, "expected one forward and one backward graph, for both batches"
     targets = {node.target for gm in graphs for node in gm.graph.nodes}
     assert torch.ops.fastattn.triton_varlen_fwd.default in targets
     assert torch.ops.fastattn.triton_varlen_bwd.default in targets
