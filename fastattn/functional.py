@@ -151,7 +151,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     Returns ``out`` ``(total_q, nheads, headdim_v)``; ``(out, softmax_lse, None)`` with
     ``return_attn_probs`` and ``(out, softmax_lse)`` with ``return_lse``, softmax_lse
-    ``(nheads, total_q)`` float32 (+inf on rows with no visible key). Forward only."""
+    ``(nheads, total_q)`` float32 (+inf on rows with no visible key). Differentiable (q, k, v,
+    the sinks, and the lse when returned); on the triton kernel's backward for packed layouts,
+    on the fallback for paged caches and dropout."""
     call = from_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                             causal, window_size, softcap, alibi_slopes, seqused_q=seqused_q, seqused_k=seqused_k,
                             block_table=_one_of("block_table", block_table, "page_table", page_table),

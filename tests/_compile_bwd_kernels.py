@@ -17,16 +17,19 @@ from fastattn.kernels.triton import flash_bwd  # noqa: E402
 
 
 def backward_variant(kernel, dtype="bf16", E=128, Ev=None, mask=0, mask_rows=True, left=False, right=True,
-                     softcap=False, alibi=False, dropout=False):
+                     softcap=False, alibi=False, dropout=False, per_seq=None):
+    """``per_seq``: the kernels' per-sequence flags (VARLEN_Q, ...) that are on."""
     Ev = E if Ev is None else Ev
     cfg = flash_bwd.block_config(E, Ev)[kernel]
     pointers = {"Q": dtype, "K": dtype, "V": dtype, "DO": dtype, "Lse": "fp32", "Delta": "fp32",
                 "DQ": dtype, "DK": dtype, "DV": dtype,
-                "Mask": ("u8" if mask == 1 else "fp32") if mask else dtype, "Slopes": "fp32" if alibi else dtype}
+                "Mask": ("u8" if mask == 1 else "fp32") if mask else dtype, "Slopes": "fp32" if alibi else dtype,
+                **{name: "i32" if per_seq else dtype for name in ("CuQ", "CuK", "SeqUsedQ", "SeqUsedK")}}
     constexprs = dict(HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
                       BLOCK_DV=max(16, triton.next_power_of_2(Ev)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       HAS_LEFT=left, HAS_RIGHT=right, MASK_KIND=mask, MASK_PER_ROW=bool(mask) and mask_rows,
-                      HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, HAS_DROPOUT=dropout, UPCAST=False)
+                      HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, HAS_DROPOUT=dropout, UPCAST=False,
+                      **dict(flash_bwd._DENSE, **(per_seq or {})))
     return pointers, constexprs, cfg["num_warps"], cfg["num_stages"]
 
 
@@ -38,6 +41,9 @@ VARIANTS = {
     "bf16_hd128_key_padding_causal": dict(mask=1, mask_rows=False),
     "bf16_hd64_row_mask_softcap_alibi": dict(E=64, mask=1, softcap=True, alibi=True, left=True),
     "fp16_hd128_float_mask_dropout": dict(dtype="fp16", mask=2, right=False, dropout=True),
+    "bf16_hd128_varlen_causal": dict(per_seq=dict(VARLEN_Q=True, VARLEN_K=True, LOWER_RIGHT=True)),
+    "fp16_hd64_varlen_seqused_window": dict(dtype="fp16", E=64, left=True, per_seq=dict(
+        VARLEN_Q=True, VARLEN_K=True, SEQUSED_Q=True, SEQUSED_K=True, LOWER_RIGHT=True)),
 }
 KERNELS = {"dkdv": flash_bwd._flash_bwd_dkdv_kernel, "dq": flash_bwd._flash_bwd_dq_kernel}
 

@@ -17,7 +17,7 @@ HELPER = Path(__file__).with_name("_compile_bwd_kernels.py")
 pytestmark = pytest.mark.slow  # a compile for each GPU target: the slow tier (--full)
 SM90 = ["bf16_hd128_causal", "fp16_hd64_full", "bf16_hd256_causal", "fp16_hd59_ev40_window",
         "bf16_hd128_key_padding_causal", "bf16_hd64_row_mask_softcap_alibi", "fp16_hd128_float_mask_dropout",
-        "preprocess"]
+        "bf16_hd128_varlen_causal", "fp16_hd64_varlen_seqused_window", "preprocess"]
 SM80 = ["bf16_hd128_causal", "fp16_hd128_float_mask_dropout"]
 KERNELS = ["dkdv", "dq"]
 # block_config()'s choices must not spill registers for the main training shapes.

@@ -29,7 +29,7 @@ class TritonBackend(Backend):
     name = "triton"
     description = ("Triton flash attention, forward and backward: fp16/bf16, head dims <= 256, GQA/MQA, causal "
                    "(both alignments), windows, softcap, ALiBi, bool/additive masks, sinks (with their gradient), "
-                   "dropout")
+                   "dropout, packed variable-length batches; paged and indexed KV caches (forward only)")
     forward = Support(dtypes=HALF_DTYPES, max_head_dim=MAX_HEAD_DIM, features=ALL_FEATURES)
     backward = Support(dtypes=HALF_DTYPES, max_head_dim=MAX_HEAD_DIM, features=ALL_FEATURES)
 
@@ -63,8 +63,12 @@ class TritonBackend(Backend):
     def extra_backward_reasons(self, f: Features) -> list[str]:
         # The kernel gives no gradient to these; the fallback's autograd does.
         reasons = []
-        if f.layout != "dense":
-            reasons.append(f"the {f.layout} layout has no backward kernel yet")
+        if f.layout == "paged":
+            reasons.append("the paged layout has no backward kernel (KV caches are for inference)")
+        cache_parts = [name for name in ("cache_leftpad", "cache_batch_idx") if name in f.layout_extras]
+        if cache_parts:
+            reasons.append(f"the varlen layout with {' and '.join(cache_parts)} has no backward kernel "
+                           "(KV caches are for inference)")
         if f.alibi_needs_grad:
             reasons.append("ALiBi slopes that require grad are not supported (the kernel gives them no gradient)")
         if f.mask_needs_grad:
@@ -97,9 +101,11 @@ class TritonBackend(Backend):
                           call.diag_offset, call.softcap)
 
     def _run_per_sequence(self, call: AttentionCall, left: int, right: int, num_splits: int):
-        """Varlen and paged calls (forward only so far): the kernel reads each sequence's lengths,
-        offsets and pages; under torch.compile through its own opaque op."""
-        if torch.compiler.is_compiling():
+        """Varlen and paged calls: the kernel reads each sequence's lengths, offsets and pages.
+        Under torch.compile, and whenever the call needs grad, through its own op, whose
+        registered backward is the backward kernel (fastattn/ops/triton_varlen.py); an eager
+        inference call (decoding) launches directly, sparing the op's dispatch."""
+        if torch.compiler.is_compiling() or call.features.needs_grad:
             from ..ops.triton_varlen import triton_varlen_fwd
 
             return triton_varlen_fwd(

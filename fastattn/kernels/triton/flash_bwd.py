@@ -14,6 +14,10 @@ The split: three kernels, no atomics.
   over the query blocks that can see it, of every query head of its GQA group, so
   the group sum happens in registers, K/V are never repeated in memory;
 - dQ: one program per (query block, batch, query head) loops over key blocks.
+Per-sequence layouts (packed cu_seqlens, seqused) use the forward's constexpr flags:
+programs are launched for the longest sequence, read their sequence's offsets and
+lengths, and exit when past its end; the preprocess runs over the stored rows as they
+are, whatever sequence they belong to.
 Every gradient element is written by exactly one program in a fixed order, so the
 results are bitwise identical from run to run by construction: the deterministic
 mode costs nothing. The price is computing Q K^T and dO V^T twice (once in each
@@ -33,13 +37,15 @@ delta = rowsum(dO * O) is unchanged, the lse is the undropped softmax's.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from ..._env import interpreting
 from .dropout import _dropout_keep
-from .flash_fwd import MASK_ADD, MASK_BOOL, MASK_NONE, _smaller, _tanh, _to_dtype, device_guard
+from .flash_fwd import MASK_ADD, MASK_BOOL, MASK_NONE, Sequences, _smaller, _tanh, _to_dtype, device_guard
 
 LOG2E = 1.4426950408889634
 
@@ -88,6 +94,32 @@ def _log2_scores(
         allowed = tl.load(M_ptrs, mask=in_bounds, other=0)
         s = tl.where(allowed != 0, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _sequence_bounds(
+    CuQ, CuK, SeqUsedQ, SeqUsedK, off_b, seqlen_q, seqlen_k, diag_offset,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, SEQUSED_Q: tl.constexpr, SEQUSED_K: tl.constexpr,
+    LOWER_RIGHT: tl.constexpr,
+):
+    """Sequence ``off_b``'s first query and key rows in their storage, its query and key
+    counts, and its diagonal, as the forward reads them (``seqlen_*``, ``diag_offset``:
+    the launch's values, kept where no flag replaces them)."""
+    q_start = off_b * 0
+    k_start = off_b * 0
+    if VARLEN_Q:
+        q_start = tl.load(CuQ + off_b)
+        seqlen_q = tl.load(CuQ + off_b + 1) - q_start
+    if SEQUSED_Q:
+        seqlen_q = tl.load(SeqUsedQ + off_b)
+    if VARLEN_K:
+        k_start = tl.load(CuK + off_b)
+        seqlen_k = tl.load(CuK + off_b + 1) - k_start
+    if SEQUSED_K:
+        seqlen_k = tl.load(SeqUsedK + off_b)
+    if LOWER_RIGHT:
+        diag_offset = seqlen_k - seqlen_q
+    return q_start, k_start, seqlen_q, seqlen_k, diag_offset
 
 
 # --------------------------------------------------------------------------- preprocess
@@ -204,7 +236,7 @@ def _dkdv_block(
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Mask, Slopes,
+    Q, K, V, DO, Lse, Delta, DK, DV, Mask, Slopes, CuQ, CuK, SeqUsedQ, SeqUsedK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -223,12 +255,33 @@ def _flash_bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, SEQUSED_Q: tl.constexpr, SEQUSED_K: tl.constexpr,
+    LOWER_RIGHT: tl.constexpr,
 ):
+    # Per-sequence layouts as in the forward (all off for a dense call, which compiles as
+    # before): VARLEN_Q/K packed rows cu[b]:cu[b+1]; SEQUSED_Q/K only the first seqused[b];
+    # then seqlen_q/seqlen_k arrive as the storage's rows (delta's row count) and become
+    # the sequence's own, and with LOWER_RIGHT so does the diagonal.
+    PER_SEQ: tl.constexpr = VARLEN_Q or VARLEN_K or SEQUSED_Q or SEQUSED_K
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
     num_kv_heads = num_heads // kv_group
     off_b = off_bh // num_kv_heads
     off_hk = off_bh % num_kv_heads
+    delta_rows = seqlen_q  # delta is (batch entries of q, Hq, rows) contiguous
+    delta_b = off_b
+    if PER_SEQ:
+        q_start, k_start, seqlen_q, seqlen_k, diag_offset = _sequence_bounds(
+            CuQ, CuK, SeqUsedQ, SeqUsedK, off_b, seqlen_q, seqlen_k, diag_offset,
+            VARLEN_Q, VARLEN_K, SEQUSED_Q, SEQUSED_K, LOWER_RIGHT)
+        if start_n >= seqlen_k:  # the launch covers the longest sequence: past this one's keys
+            return
+        if VARLEN_Q:
+            delta_b = 0  # packed queries: one batch entry
+        # The sequence's first rows are added where the bases are formed, not to the
+        # pointer arguments: bumped pointers held across the loop spilled registers (sm_90).
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -270,7 +323,12 @@ def _flash_bwd_dkdv_kernel(
         Q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
         DO_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
         Lse_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
-        Delta_base = Delta + (off_b * num_heads + off_h).to(tl.int64) * seqlen_q
+        Delta_base = Delta + (delta_b * num_heads + off_h).to(tl.int64) * delta_rows
+        if PER_SEQ:
+            Q_base += q_start.to(tl.int64) * stride_qm
+            DO_base += q_start.to(tl.int64) * stride_dom
+            Lse_base += q_start.to(tl.int64) * stride_lm
+            Delta_base += q_start
         M_base = Mask + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
         if HAS_ALIBI:
             slope = tl.load(Slopes + off_b * stride_sb + off_h * stride_sh).to(tl.float32) * 1.4426950408889634
@@ -303,6 +361,9 @@ def _flash_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     store_ok = col_ok[:, None]
+    if PER_SEQ:
+        DK += k_start.to(tl.int64) * stride_dkn
+        DV += k_start.to(tl.int64) * stride_dvn
     tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
              + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              _to_dtype(dk, DK.dtype.element_ty, UPCAST), mask=store_ok & (offs_d[None, :] < HEAD_DIM))
@@ -367,7 +428,7 @@ def _dq_block(
 
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Mask, Slopes,
+    Q, K, V, DO, Lse, Delta, DQ, Mask, Slopes, CuQ, CuK, SeqUsedQ, SeqUsedK,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -385,7 +446,10 @@ def _flash_bwd_dq_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_PER_ROW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, SEQUSED_Q: tl.constexpr, SEQUSED_K: tl.constexpr,
+    LOWER_RIGHT: tl.constexpr,
 ):
+    PER_SEQ: tl.constexpr = VARLEN_Q or VARLEN_K or SEQUSED_Q or SEQUSED_K  # as in the dK/dV kernel
     if HAS_RIGHT:  # causal row blocks get longer with start_m: start the long ones first
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -394,6 +458,23 @@ def _flash_bwd_dq_kernel(
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     off_hk = off_h // kv_group
+    delta_rows = seqlen_q  # delta is (batch entries of q, Hq, rows) contiguous
+    delta_bh = off_bh
+    if PER_SEQ:
+        q_start, k_start, seqlen_q, seqlen_k, diag_offset = _sequence_bounds(
+            CuQ, CuK, SeqUsedQ, SeqUsedK, off_b, seqlen_q, seqlen_k, diag_offset,
+            VARLEN_Q, VARLEN_K, SEQUSED_Q, SEQUSED_K, LOWER_RIGHT)
+        if start_m * BLOCK_M >= seqlen_q:  # the launch covers the longest sequence: past this one's queries
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        Lse += q_start.to(tl.int64) * stride_lm
+        DQ += q_start.to(tl.int64) * stride_dqm
+        Delta += q_start.to(tl.int64)
+        if VARLEN_Q:
+            delta_bh = off_h  # packed queries: one batch entry
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -409,7 +490,7 @@ def _flash_bwd_dq_kernel(
     # Rows past the end, and rows with no visible key: lse = +inf, so P = 0 and dS = 0.
     lse = tl.load(Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + rows * stride_lm,
                   mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + off_bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + delta_bh.to(tl.int64) * delta_rows + rows, mask=row_ok, other=0.0)
     K_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
     V_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     M_base = Mask + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
@@ -490,6 +571,9 @@ def block_config(head_dim: int, head_dim_v: int) -> dict:
     64, 128 and 256; masks, softcap and dropout spill some in dK/dV (e.g. 24 bytes a
     thread at D = 64 with a bool mask, softcap and ALiBi). At D = 256 the dK/dV tile
     has 32 key rows (64 spilled 144 bytes), too few for wgmma: it runs on mma.sync.
+    Packed (varlen) launches take the same configs: their dK/dV kernel at D = 128, causal,
+    spills 16 bytes a thread (the sequence's offsets and lengths are registers there,
+    kernel arguments in a dense launch); D = 64 and 256 and the dQ kernel spill nothing.
     """
     d = max(head_dim, head_dim_v)
     if interpreting():
@@ -534,9 +618,38 @@ def _launch(kernel, grid, cfg, may_step_down, *args, **constexprs):
                 raise
 
 
+_DENSE = dict(VARLEN_Q=False, VARLEN_K=False, SEQUSED_Q=False, SEQUSED_K=False, LOWER_RIGHT=False)
+
+
+def _per_sequence(seqs: Optional[Sequences], q, k):
+    """The per-sequence part of a launch: (flags, index pointers, launch bounds (L, S) or
+    None). ``None`` seqs: a dense launch (q stands in for the unused pointers)."""
+    if seqs is None:
+        return _DENSE, (q,) * 4, None
+    unsupported = [name for name in ("cache_leftpad", "cache_batch_idx", "block_table") if getattr(seqs, name) is not None]
+    if unsupported:
+        raise ValueError(f"the backward takes packed (cu_seqlens) and seqused layouts only, not {', '.join(unsupported)} "
+                         "(KV caches are for inference)")
+    flags = dict(VARLEN_Q=seqs.cu_seqlens_q is not None, VARLEN_K=seqs.cu_seqlens_k is not None,
+                 SEQUSED_Q=seqs.seqused_q is not None, SEQUSED_K=seqs.seqused_k is not None,
+                 LOWER_RIGHT=seqs.lower_right)
+    pointers = tuple(q if t is None else t for t in (seqs.cu_seqlens_q, seqs.cu_seqlens_k, seqs.seqused_q,
+                                                     seqs.seqused_k))
+    # The launch bounds: the longest sequence, or what the storage holds.
+    bounds = (q.shape[2] if seqs.max_seqlen_q is None else seqs.max_seqlen_q,
+              k.shape[2] if seqs.max_seqlen_k is None else seqs.max_seqlen_k)
+    return flags, pointers, bounds
+
+
+def _no_batch_stride(strides: tuple, packed: bool) -> tuple:
+    """A packed tensor's strides as the kernels read them: sequence b starts at its row, not its batch entry."""
+    return (0,) + tuple(strides[1:]) if packed else tuple(strides)
+
+
 def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bounds=(-1, -1), diag_offset=0,
                         softcap=0.0, alibi_slopes=None, sinks=None, config=None, dlse=None,
-                        dropout_p=0.0, dropout_seed=0, dropout_offset=0, dq=None, dk=None, dv=None):
+                        dropout_p=0.0, dropout_seed=0, dropout_offset=0, dq=None, dk=None, dv=None,
+                        seqs: Optional[Sequences] = None):
     """Gradients of :func:`flash_attn_forward`: ``(dq, dk, dv, dsinks)``.
 
     Arguments as the forward's: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev),
@@ -549,18 +662,32 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
     keep-mask is regenerated here (see dropout.py); the lse is that of the undropped P.
     config: ``{"dkdv": ..., "dq": ...}`` block sizes (see block_config), used as given.
     dq, dk, dv: optional preallocated gradient buffers shaped like q, k, v (any strides).
+    seqs: the forward's per-sequence layout (:class:`~.flash_fwd.Sequences`), packed
+    (``cu_seqlens_q/k``: q, do, out (1, Hq, total_q, .), lse (1, Hq, total_q), k/v
+    (1, Hkv, total_k, .)) and/or ``seqused_q/k``; the KV-cache layouts (pages, left
+    padding, batch indices) raise. No masks or dropout with it, as in the forward.
+    Rows and keys past a sequence's seqused get zero gradients.
     Returns dq, dk, dv in q/k/v's shapes and dtypes (dk, dv with Hkv heads: each GQA
     group's sum) and dsinks (Hq,) float32, or None without sinks. Deterministic:
     no atomics, each element written once by one program.
     """
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    if seqs is not None and (mask is not None or dropout_p > 0):
+        raise ValueError("an attn_mask or dropout cannot be combined with a per-sequence layout (as in the forward)")
+    per_seq_flags, index_args, bounds = _per_sequence(seqs, q, k)
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if buf is not None:
             _check_grad_buffer(name, buf, like)
     dq = _empty_grad(q) if dq is None else dq
     dk = _empty_grad(k) if dk is None else dk
     dv = _empty_grad(v) if dv is None else dv
+    if seqs is not None:
+        if seqs.seqused_q is not None:  # rows past a sequence's used queries: no program writes them
+            dq.zero_()
+        if seqs.seqused_k is not None:
+            dk.zero_()
+            dv.zero_()
 
     if mask is None:
         mask_kind, mask_arg, mstrides = MASK_NONE, q, (0, 0, 0, 0)
@@ -571,10 +698,11 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
         mstrides = mask.stride()
     # A mask that does not change along the query rows (key padding) is read as one row.
     mask_per_row = mask is not None and mstrides[2] != 0
+    num_seqs = B if seqs is None else seqs.num_seqs
     if alibi_slopes is None:
         slopes_arg, sstrides = q, (0, 0)
     else:
-        slopes_arg = alibi_slopes.expand(B, Hq)
+        slopes_arg = alibi_slopes.expand(num_seqs, Hq)
         sstrides = (slopes_arg.stride(0), slopes_arg.stride(1))
 
     left, right = causal_bounds
@@ -583,6 +711,7 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
     block_dv = max(16, triton.next_power_of_2(Ev))
     may_step_down = config is None
     cfg = config or block_config(E, Ev)
+    # delta has q's storage shape: the preprocess reads every stored row, whatever sequence it belongs to.
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     pre_block_m = 16 if interpreting() else 64
     pre_blocks = triton.cdiv(L, pre_block_m)
@@ -593,13 +722,20 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
         HEAD_DIM=E, HEAD_DIM_V=Ev, BLOCK_D=block_d, BLOCK_DV=block_dv,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         MASK_KIND=mask_kind, MASK_PER_ROW=mask_per_row, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        HAS_DROPOUT=dropout_p > 0, UPCAST=interpreting(),
+        HAS_DROPOUT=dropout_p > 0, UPCAST=interpreting(), **per_seq_flags,
     )
+    # L and S reach the kernels as the storage's rows (delta's row count); with seqs each
+    # program reads its sequence's own, and the grid covers the launch bounds.
     scalars = (Hq, group, L, S, diag_offset, left, right,
                scale * LOG2E,
                (scale / softcap) if softcap > 0 else 0.0,
                (softcap * LOG2E) if softcap > 0 else 0.0,
                scale, dropout_seed, dropout_offset, dropout_p)
+    grid_l, grid_s = (L, S) if bounds is None else bounds
+    q_strides, do_strides, lse_strides, dq_strides = (
+        _no_batch_stride(t.stride(), per_seq_flags["VARLEN_Q"]) for t in (q, do, lse, dq))
+    k_strides, v_strides, dk_strides, dv_strides = (
+        _no_batch_stride(t.stride(), per_seq_flags["VARLEN_K"]) for t in (k, v, dk, dv))
     with device_guard(q.device):
         if B * Hq * L > 0:
             _bwd_preprocess_kernel[(pre_blocks, B * Hq)](
@@ -610,18 +746,18 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
                 HAS_DLSE=dlse is not None, HAS_SINKS=sinks is not None,
                 num_warps=4,
             )
-        if B * Hkv * S > 0:
-            _launch(_flash_bwd_dkdv_kernel, lambda c: (triton.cdiv(S, c["BLOCK_N"]), B * Hkv),
+        if num_seqs * Hkv * grid_s > 0:
+            _launch(_flash_bwd_dkdv_kernel, lambda c: (triton.cdiv(grid_s, c["BLOCK_N"]), num_seqs * Hkv),
                     dict(cfg["dkdv"]), may_step_down,
-                    q, k, v, do, lse, delta, dk, dv, mask_arg, slopes_arg,
-                    *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
-                    *dk.stride(), *dv.stride(), *mstrides, *sstrides, *scalars, **common)
-        if B * Hq * L > 0:
-            _launch(_flash_bwd_dq_kernel, lambda c: (triton.cdiv(L, c["BLOCK_M"]), B * Hq),
+                    q, k, v, do, lse, delta, dk, dv, mask_arg, slopes_arg, *index_args,
+                    *q_strides, *k_strides, *v_strides, *do_strides, *lse_strides,
+                    *dk_strides, *dv_strides, *mstrides, *sstrides, *scalars, **common)
+        if num_seqs * Hq * grid_l > 0:
+            _launch(_flash_bwd_dq_kernel, lambda c: (triton.cdiv(grid_l, c["BLOCK_M"]), num_seqs * Hq),
                     dict(cfg["dq"]), may_step_down,
-                    q, k, v, do, lse, delta, dq, mask_arg, slopes_arg,
-                    *q.stride(), *k.stride(), *v.stride(), *do.stride(), *lse.stride(),
-                    *dq.stride(), *mstrides, *sstrides, *scalars, **common)
+                    q, k, v, do, lse, delta, dq, mask_arg, slopes_arg, *index_args,
+                    *q_strides, *k_strides, *v_strides, *do_strides, *lse_strides,
+                    *dq_strides, *mstrides, *sstrides, *scalars, **common)
     dsinks = None
     if sinks is not None:
         # A fixed-shape torch reduction: the same order on every run.
