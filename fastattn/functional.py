@@ -10,7 +10,10 @@ from .inputs import (AttentionCall, check_sdpa_args, flash_call, flash_signature
                      from_sdpa_args, from_varlen_args, holds_as_is, sdpa_call, sdpa_signature)
 
 
-_compiling = torch.compiler.is_compiling
+# Dynamo's tracing is what the front ends' cached plans must stay out of (it would guard on the
+# plan dict); other tracers hand over tensor subclasses, which no signature takes. The dynamo
+# test costs half of torch.compiler.is_compiling, which asks TorchScript first.
+_compiling = torch.compiler.is_dynamo_compiling
 
 
 def _run(call: AttentionCall):

@@ -567,8 +567,8 @@ def sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, en
         return None
     if attn_mask is None:
         mask = None
-    elif type(attn_mask) is _Tensor and attn_mask.device == device:
-        mask = (attn_mask.shape, attn_mask.stride(), attn_mask.dtype)
+    elif type(attn_mask) is _Tensor:  # on another device: another signature, and the checks' error
+        mask = (attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device)
     else:
         return None
     # Which inputs need a gradient, each apart: Features tells a mask that needs one from q, k, v that do.
