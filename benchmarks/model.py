@@ -271,20 +271,24 @@ GENERATE_MODELS = {
 def generate_steps_ms(model, impl: str, ids, mask, new_tokens: int) -> tuple[list[float], torch.Tensor]:
     """One greedy ``generate`` with ``attn_implementation=impl``: the milliseconds of each decode
     step's forward (mask creation included; the prefill and the token choice left out), and the
-    tokens."""
+    tokens. On a GPU wall-clock time, synchronized; on the CPU the CPU time of this thread (torch
+    runs on it alone with ``--threads 1``), so that what other processes take of a shared machine
+    is not counted."""
     from fastattn.integrations import transformers as hf
 
     hf.set_attn_implementation(model, impl)
-    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+    cuda = ids.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda or torch.get_num_threads() > 1 else time.thread_time
     starts, times = [], []
 
     def before(module, args, kwargs):
         sync()
-        starts.append(time.perf_counter())
+        starts.append(clock())
 
     def after(module, args, kwargs, output):
         sync()
-        times.append((time.perf_counter() - starts[-1]) * 1e3)
+        times.append((clock() - starts[-1]) * 1e3)
 
     hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
              model.register_forward_hook(after, with_kwargs=True)]
