@@ -14,6 +14,9 @@ fallback):
   ``fastattn.unpatch()`` puts the original back.
 - ``fastattn.patch(model)``: switch one loaded model.
 
+Continuous batching (``model.generate_batch``) on a "fastattn" model runs each packed batch
+as one varlen call (see the "continuous batching" section below for what it relies on).
+
 Semantics follow Transformers' own SDPA path (``integrations/sdpa_attention.py``)
 so that outputs match it: the same causality rule, the same treatment of
 ``position_bias``, and masks produced by the same mask functions. What SDPA
@@ -44,6 +47,8 @@ __all__ = [
     "attention_forward",
     "mask_function",
     "register",
+    "register_continuous_batching",
+    "paged_attention_forward",
     "patch",
     "unpatch",
     "is_patched",
