@@ -23,11 +23,11 @@ def prompts(lengths=PROMPT_LENGTHS) -> list[list[int]]:
     return [torch.randint(1, VOCAB, (n,)).tolist() for n in lengths]
 
 
-def generate_batch(model, batch, new_tokens):
+def generate_batch(model, batch, new_tokens, **cb_options):
     """{prompt index: (tokens, logprobs)} from continuous batching, and every fastattn call it made."""
     config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                                            pad_token_id=0)
-    cb_config = transformers.ContinuousBatchingConfig(return_logprobs=True)
+    cb_config = transformers.ContinuousBatchingConfig(return_logprobs=True, **cb_options)
     with torch.no_grad(), hf.record_backends(all_threads=True) as records:
         out = model.generate_batch(batch, generation_config=config, continuous_batching_config=cb_config)
     results = {int(request_id.removeprefix("req_")): result for request_id, result in out.items()}
@@ -122,6 +122,26 @@ def test_generate_batch_half_runs_the_kernel(dtype):
         bound = 2 * (atol + rtol * logits.abs().max().item())  # a log-probability moves by <= 2x the logits' error
         diff = (logprobs - ref).abs().max().item()
         assert diff <= bound, f"prompt {i}: log-probabilities {logprobs} vs sdpa {ref} (allowed {bound:.3e})"
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_generate_batch_chunked_prefill(arch):
+    """A batch budget of 8 tokens splits the prompts into chunks: a chunk after the first is one
+    sequence with more keys (its cached tokens) than queries, whose diagonal is bottom-right."""
+    new_tokens = 3
+    model = peaked(make_model(arch, torch.float32, attn="fastattn"))
+    batch = prompts((13, 3))
+    got, records = generate_batch(model, batch, new_tokens, max_batch_tokens=8)
+    assert any(1 < r.shape[2] < r.shape[3] for r in records), [r.shape for r in records]  # a chunk with a past
+    # one sequence's first chunk alone (as many keys as queries) is a plain causal call
+    assert all(r.layout == "varlen" or r.shape[2] == r.shape[3] for r in records), [(r.layout, r.shape) for r in records]
+    impl = reference_impl(arch)
+    ref = generate_each(model, impl, batch, new_tokens)
+    for i, prompt in enumerate(batch):
+        tokens, logprobs = got[i]
+        assert tokens == ref[i][0], f"{arch} prompt {i}: {tokens} vs {impl} {ref[i][0]}"
+        forced, _ = teacher_forced_logprobs(model, impl, prompt, tokens)
+        assert (logprobs - forced).abs().max().item() <= 1e-4, (logprobs, forced)
 
 
 def test_record_backends_all_threads_only_while_open():
