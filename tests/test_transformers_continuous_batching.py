@@ -167,25 +167,28 @@ def test_record_backends_all_threads_only_while_open():
     assert len(every_thread) == model.config.num_hidden_layers
 
 
-def test_other_implementations_keep_transformers_behaviour():
-    """Only "fastattn" models are kept on fastattn; Transformers decides for every other name."""
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "fastattn"])
+def test_only_fastattn_models_skip_transformers_choice(impl):
+    """Transformers' own switch_to_cb_friendly_attn decides for every other name (and may move
+    sdpa/eager models to flash attention); a "fastattn" model stays on fastattn, under the name
+    this Transformers' continuous batching runs it by."""
     from transformers.generation.continuous_batching import continuous_api
 
-    method = continuous_api.ContinuousBatchingManager.switch_to_cb_friendly_attn
-    original = getattr(method, hf._OURS)
-    calls = []
-
-    class Model:
-        config = type("Config", (), {"_attn_implementation": "eager"})()
-
+    installed = continuous_api.ContinuousBatchingManager.switch_to_cb_friendly_attn
+    assert hasattr(installed, hf._OURS), "register() did not wrap switch_to_cb_friendly_attn"
+    transformers_choice = []
+    switch = hf._cb_friendly(lambda self, model, *args, **kwargs: transformers_choice.append("flash_attention_2"))
+    model = make_model("llama", torch.float32, attn=impl)
     manager = object.__new__(continuous_api.ContinuousBatchingManager)
-    try:
-        continuous_api.ContinuousBatchingManager.switch_to_cb_friendly_attn = hf._cb_friendly(
-            lambda self, model, *args, **kwargs: calls.append(model.config._attn_implementation))
-        manager.switch_to_cb_friendly_attn(Model())
-    finally:
-        continuous_api.ContinuousBatchingManager.switch_to_cb_friendly_attn = method
-    assert calls == ["eager"] and callable(original)
+    manager._original_attn_impl = None
+    switch(manager, model, True)
+    if impl != hf.NAME:
+        assert transformers_choice == ["flash_attention_2"]
+        return
+    assert transformers_choice == []
+    expected = hf.PAGED_NAME if hf._attention_updates_cache() else hf.NAME
+    assert model.config._attn_implementation == expected
+    assert manager._original_attn_impl == (hf.NAME if expected != hf.NAME else None)
 
 
 def test_paged_name_needs_the_paged_cache():
