@@ -1,7 +1,8 @@
 """Continuous batching (``model.generate_batch``) on ``attn_implementation="fastattn"``: each
-packed batch of prompts and decode steps runs as one fastattn varlen call (recorded from
-Transformers' generation thread), with the greedy tokens and log-probabilities of Transformers'
-own attention in ``model.generate``; in half precision the Triton kernel runs it, within the
+packed batch of prompts, prompt chunks and decode steps runs as one fastattn varlen call
+(recorded from Transformers' generation thread). fp32: the greedy tokens of Transformers' own
+attention in ``model.generate``, and each token's log-probability as one forward of the whole
+sequence gives it; fp16/bf16: the Triton kernel runs every call, log-probabilities within the
 dtype's tolerance."""
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[test])")
-pytest.importorskip("transformers.generation.continuous_batching", reason="this Transformers has no continuous batching")
+pytest.importorskip("transformers.generation.continuous_batching",
+                    reason="this Transformers has no continuous batching")
 
 from fastattn.integrations import transformers as hf  # noqa: E402
 
@@ -134,7 +136,8 @@ def test_generate_batch_chunked_prefill(arch):
     got, records = generate_batch(model, batch, new_tokens, max_batch_tokens=8)
     assert any(1 < r.shape[2] < r.shape[3] for r in records), [r.shape for r in records]  # a chunk with a past
     # one sequence's first chunk alone (as many keys as queries) is a plain causal call
-    assert all(r.layout == "varlen" or r.shape[2] == r.shape[3] for r in records), [(r.layout, r.shape) for r in records]
+    assert all(r.layout == "varlen" or r.shape[2] == r.shape[3] for r in records), [(r.layout, r.shape)
+                                                                                for r in records]
     impl = reference_impl(arch)
     ref = generate_each(model, impl, batch, new_tokens)
     for i, prompt in enumerate(batch):
