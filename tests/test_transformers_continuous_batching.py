@@ -29,6 +29,9 @@ def generate_batch(model, batch, new_tokens, **cb_options):
     """{prompt index: (tokens, logprobs)} from continuous batching, and every fastattn call it made."""
     config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                                            pad_token_id=0)
+    # A small cache: sized from free memory by default, it takes tens of GB on a large machine,
+    # and "sdpa" builds masks as wide as it.
+    cb_options = {"num_blocks": 16, "max_batch_tokens": 64, **cb_options}
     cb_config = transformers.ContinuousBatchingConfig(return_logprobs=True, **cb_options)
     with torch.no_grad(), hf.record_backends(all_threads=True) as records:
         out = model.generate_batch(batch, generation_config=config, continuous_batching_config=cb_config)
@@ -100,9 +103,12 @@ def test_generate_batch_fp32_same_tokens(arch):
     check_records(model, records, new_tokens, backend="sdpa")  # fp32: fastattn's exact fallback runs varlen
     impl = reference_impl(arch)
     ref = generate_each(model, impl, batch, new_tokens)
+    hf.set_attn_implementation(model, impl)
+    ref_batched, _ = generate_batch(model, batch, new_tokens)  # Transformers' own continuous batching
     for i, prompt in enumerate(batch):
         tokens, logprobs = got[i]
         assert tokens == ref[i][0], f"{arch} prompt {i}: {tokens} vs {impl} {ref[i][0]}"
+        assert tokens == ref_batched[i][0], f"{arch} prompt {i}: {tokens} vs {impl} batched {ref_batched[i][0]}"
         forced, _ = teacher_forced_logprobs(model, impl, prompt, tokens)
         assert (logprobs - forced).abs().max().item() <= 1e-4, (logprobs, forced)
 
@@ -140,9 +146,12 @@ def test_generate_batch_chunked_prefill(arch):
                                                                                 for r in records]
     impl = reference_impl(arch)
     ref = generate_each(model, impl, batch, new_tokens)
+    hf.set_attn_implementation(model, impl)
+    ref_batched, _ = generate_batch(model, batch, new_tokens)  # Transformers' own continuous batching
     for i, prompt in enumerate(batch):
         tokens, logprobs = got[i]
         assert tokens == ref[i][0], f"{arch} prompt {i}: {tokens} vs {impl} {ref[i][0]}"
+        assert tokens == ref_batched[i][0], f"{arch} prompt {i}: {tokens} vs {impl} batched {ref_batched[i][0]}"
         forced, _ = teacher_forced_logprobs(model, impl, prompt, tokens)
         assert (logprobs - forced).abs().max().item() <= 1e-4, (logprobs, forced)
 
