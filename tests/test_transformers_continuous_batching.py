@@ -156,6 +156,24 @@ def test_generate_batch_chunked_prefill(arch):
         assert (logprobs - forced).abs().max().item() <= 1e-4, (logprobs, forced)
 
 
+def test_patched_sdpa_runs_through_fastattn():
+    """``fastattn.patch()`` and a model on "sdpa": Transformers' continuous batching runs it on
+    "sdpa" (5.24, with its masks: dense masked calls) or "paged|sdpa" (5.17: patched too, as
+    paged|fastattn, varlen), and those calls run through fastattn on the generation thread."""
+    new_tokens = 3
+    model = peaked(make_model("llama", torch.float32, attn="sdpa"))
+    batch = prompts()
+    ref, _ = generate_batch(model, batch, new_tokens)
+    hf.patch()
+    try:
+        got, records = generate_batch(model, batch, new_tokens)
+    finally:
+        hf.unpatch()
+    assert len(records) >= model.config.num_hidden_layers * new_tokens
+    assert not hf.is_patched()
+    assert [got[i][0] for i in range(len(batch))] == [ref[i][0] for i in range(len(batch))]
+
+
 def test_record_backends_all_threads_only_while_open():
     """Calls on another thread reach a recorder opened with all_threads=True, and only while it is open."""
     import threading

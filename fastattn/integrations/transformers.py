@@ -800,6 +800,9 @@ def patch(model=None, *, torch_sdpa: bool = False):
     if "sdpa" not in _originals:
         _originals["sdpa"] = mapping["sdpa"]
         mapping["sdpa"] = attention_forward
+        if "paged|sdpa" in mapping:  # continuous batching's "sdpa" in Transformers 5.17 (updates the cache itself)
+            _originals["paged|sdpa"] = mapping["paged|sdpa"]
+            mapping["paged|sdpa"] = paged_attention_forward
     if torch_sdpa and "torch_sdpa" not in _originals:
         _originals["torch_sdpa"] = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = _sdpa_drop_in
@@ -819,6 +822,8 @@ def unpatch(model=None):
         from transformers import modeling_utils
 
         modeling_utils.AttentionInterface._global_mapping["sdpa"] = _originals.pop("sdpa")
+        if "paged|sdpa" in _originals:
+            modeling_utils.AttentionInterface._global_mapping["paged|sdpa"] = _originals.pop("paged|sdpa")
     if "torch_sdpa" in _originals:
         torch.nn.functional.scaled_dot_product_attention = _originals.pop("torch_sdpa")
     return None
