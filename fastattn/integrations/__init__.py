@@ -31,6 +31,7 @@ def require_transformers(what: str) -> None:
 _TRANSFORMERS_HOOKS = {
     "transformers.modeling_utils": "register_attention",
     "transformers.masking_utils": "register_mask",
+    "transformers.generation.continuous_batching.continuous_api": "register_continuous_batching",
 }
 
 

@@ -14,6 +14,9 @@ fallback):
   ``fastattn.unpatch()`` puts the original back.
 - ``fastattn.patch(model)``: switch one loaded model.
 
+Continuous batching (``model.generate_batch``) on a "fastattn" model runs each packed batch
+as one varlen call (see the "continuous batching" section below for what it relies on).
+
 Semantics follow Transformers' own SDPA path (``integrations/sdpa_attention.py``)
 so that outputs match it: the same causality rule, the same treatment of
 ``position_bias``, and masks produced by the same mask functions. What SDPA
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import numbers
 import warnings
@@ -43,6 +47,8 @@ __all__ = [
     "attention_forward",
     "mask_function",
     "register",
+    "register_continuous_batching",
+    "paged_attention_forward",
     "patch",
     "unpatch",
     "is_patched",
@@ -77,20 +83,31 @@ class CallRecord:
     shape: tuple[int, ...]  # (B, Hq, L, S)
     why_not_triton: tuple[str, ...]  # the triton backend's reasons when it did not run
     backward: Optional[str] = None  # the backend whose backward differentiates the call (None: no grad needed)
+    layout: str = "dense"  # the call's K/V layout: "dense", "varlen" or "paged"
 
 
 _records: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastattn_hf_records", default=None)
+# Recorders opened with all_threads=True: a thread starts with a fresh context, so calls made on
+# another thread (continuous batching's generation loop) reach these alone.
+_all_thread_records: list[list] = []
 
 
 @contextlib.contextmanager
-def record_backends() -> Iterator[list[CallRecord]]:
-    """Collect a :class:`CallRecord` for every attention call made inside the block."""
+def record_backends(all_threads: bool = False) -> Iterator[list[CallRecord]]:
+    """Collect a :class:`CallRecord` for every attention call made inside the block: the calls
+    of this thread (and of the tasks it starts, which copy its context), or with
+    ``all_threads=True`` those of every thread while the block runs, e.g. the background
+    thread in which ``model.generate_batch(...)`` runs the model."""
     records: list[CallRecord] = []
     token = _records.set(records)
+    if all_threads:
+        _all_thread_records.append(records)
     try:
         yield records
     finally:
         _records.reset(token)
+        if all_threads:
+            _all_thread_records.remove(records)
 
 
 WEIGHTS_REASON = "output_attentions=True: the attention weights come from exact eager math"
@@ -98,7 +115,7 @@ WEIGHTS_REASON = "output_attentions=True: the attention weights come from exact 
 
 def _record(module, call: AttentionCall, with_weights: bool = False) -> None:
     records = _records.get()
-    if records is None:
+    if records is None and not _all_thread_records:
         return
     layer = getattr(module, "layer_idx", None)
     name = type(module).__name__ + (f"[layer {layer}]" if layer is not None else "")
@@ -109,9 +126,13 @@ def _record(module, call: AttentionCall, with_weights: bool = False) -> None:
         backend = decision.chosen or "none"
         triton_reasons = () if backend == "triton" else dict(decision.verdicts).get("triton", ("not registered",))
     backward = backend if call.features.needs_grad else None  # one backend runs both directions
-    records.append(CallRecord(name, backend, call.q.dtype,
-                              (call.q.shape[0], call.q.shape[1], call.seqlen_q, call.seqlen_k), tuple(triton_reasons),
-                              backward))
+    record = CallRecord(name, backend, call.q.dtype, (call.q.shape[0], call.q.shape[1], call.seqlen_q, call.seqlen_k),
+                        tuple(triton_reasons), backward, call.layout)
+    if records is not None:
+        records.append(record)
+    for other in tuple(_all_thread_records):  # list.append is atomic: safe from any thread
+        if other is not records:
+            other.append(record)
 
 
 # --------------------------------------------------------------------------- dtypes
@@ -223,8 +244,15 @@ def _build_call_and_layout(module, query, key, value, attention_mask, dropout, s
     causal, window = _positions(module, L, mask, compact, kwargs)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if mask is None and cu_q is not None and query.shape[0] == 1 and cu_q.numel() > 2:
+    if mask is None and cu_q is not None and query.shape[0] == 1 and (cu_q.numel() > 2 or S != L):
         # Padding-free batch handed over without a mask: each packed sequence to itself, as varlen.
+        # One sequence with more keys than queries too (continuous batching: a chunk of a prompt, a
+        # decode step): its keys are all real, cached ones first, so its diagonal is bottom-right.
+        if kwargs.get("block_table") is not None:
+            raise NotImplementedError(
+                "fastattn got continuous batching's block-table decode path (k_cache/v_cache/block_table), which "
+                "Transformers enables only for flash-attention names; fastattn runs continuous batching through its "
+                "read/write-index (varlen) path: set ContinuousBatchingConfig(max_blocks_per_request=0)")
         return _packed_call(module, query, key, value, cu_q, cu_k if cu_k is not None else cu_q,
                             kwargs.get("max_length_q"), kwargs.get("max_length_k"), dropout, scaling, kwargs), None
     if (mask is None and query.shape[0] == 1 and L == S and L > 1 and kwargs.get("position_bias") is None
@@ -349,7 +377,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     target = signature[2]
     if target is not None:  # the upcast of fp32 activations in a half model (warned about on the first call)
         query, key, value = query.to(target), key.to(target), value.to(target)
-    if plan.as_is is not None and _records.get() is None:
+    if plan.as_is is not None and _records.get() is None and not _all_thread_records:
         out = plan.as_is(query, key, value, mask, dropout, scaling)
     else:
         sinks = kwargs.get("s_aux")
@@ -597,11 +625,110 @@ def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int
     return compact
 
 
+# --------------------------------------------------------------------------- continuous batching
+#
+# ``model.generate_batch(...)`` / ``init_continuous_batching()`` run the model on one row of packed
+# sequences (``cu_seq_lens_q/k``, ``max_length_q/k`` or, in older versions, ``max_seqlen_q/k``) whose
+# keys and values Transformers' PagedAttentionCache gathers from its pages. fastattn runs each such
+# call as one varlen call (each sequence causal from its own bottom-right corner; windows, softcap
+# and sinks as the model passes them): no mask is built. Two Transformers contracts:
+#
+# - 5.24 (the model calls ``cache.update(k, v, layer_idx, kwargs=kwargs)`` itself, then the
+#   attention function with the gathered keys and the layer's ``cu_seq_lens_k``): the model stays
+#   on "fastattn" and attention_forward runs it; masking_utils skips the mask for a paged cache.
+# - 5.17 (continuous batching switches the model to ``"paged|<name>"``, a function that writes and
+#   reads the cache through ``read_index``/``write_index``; a name with no mask function gets no
+#   mask): "paged|fastattn" is paged_attention_forward, registered for attention only.
+#
+# What Transformers' own check would do with "fastattn" (5.24 refuses any name that is not
+# "sdpa", "paged|eager" or contains "flash"; 5.17 switches to flash attention where the
+# flash-attn package or `kernels` is installed) is replaced, for models on "fastattn" alone,
+# by switch_to_cb_friendly_attn below.
+
+PAGED_NAME = "paged|" + NAME
+_OURS = "_fastattn_continuous_batching"
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                            scaling: Optional[float] = None, **kwargs):
+    """``attn_implementation="paged|fastattn"``, which continuous batching switches a "fastattn"
+    model to in Transformers versions whose paged attention functions update the cache
+    themselves (5.17): write the new keys/values into the paged cache at ``write_index``, read
+    every sequence's back at ``read_index`` and run :func:`attention_forward` on the packed row
+    with this layer's ``cu_seq_lens_k`` (full or sliding attention)."""
+    cache = kwargs.pop("cache", None)
+    if cache is None:
+        raise ValueError(f"attn_implementation={PAGED_NAME!r} needs continuous batching's paged cache (the `cache` "
+                         f"keyword); use {NAME!r} for a standard forward")
+    if kwargs.get("block_table") is not None:
+        raise NotImplementedError(
+            "fastattn got continuous batching's block-table decode path, which Transformers enables only for "
+            "flash-attention names; set ContinuousBatchingConfig(max_blocks_per_request=0)")
+    # (1, Hkv, new tokens, D) -> (keys read, Hkv, D) -> (1, Hkv, keys read, D)
+    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                              read_index=kwargs.pop("read_index"), write_index=kwargs.pop("write_index"))
+    key, value = key.transpose(0, 1).unsqueeze(0), value.transpose(0, 1).unsqueeze(0)
+    sliding_window = getattr(module, "sliding_window", None)
+    layer_type = "sliding_attention" if sliding_window else "full_attention"  # as Transformers' paged functions
+    cu_k, max_k = kwargs.pop("cu_seq_lens_k"), kwargs.pop("max_seqlen_k", None)
+    if isinstance(cu_k, dict):
+        cu_k, max_k = cu_k[layer_type], max_k[layer_type]
+    kwargs.setdefault("sliding_window", sliding_window)
+    kwargs.update(cu_seq_lens_k=cu_k, max_length_k=max_k, is_causal=True,
+                  max_length_q=kwargs.pop("max_seqlen_q", kwargs.get("max_length_q")))
+    return attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
+
+
+def _attention_updates_cache() -> bool:
+    """True where continuous batching's attention function writes the paged cache itself
+    (Transformers 5.17: ``PagedAttentionCache.update(key_states, value_states, layer_idx,
+    read_index, write_index)``), False where the model does it before the call (5.24:
+    ``update(key_states, value_states, layer_idx, kwargs)``)."""
+    import inspect
+
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    return "read_index" in inspect.signature(PagedAttentionCache.update).parameters
+
+
+def _cb_friendly(original):
+    """``ContinuousBatchingManager.switch_to_cb_friendly_attn``, keeping a "fastattn" model on
+    fastattn (``PAGED_NAME`` where the attention function updates the cache, else NAME itself);
+    every other model goes to Transformers' own method."""
+
+    @functools.wraps(original)
+    def switch_to_cb_friendly_attn(self, model, *args, **kwargs):
+        current = model.config._attn_implementation
+        if current not in (NAME, PAGED_NAME):
+            return original(self, model, *args, **kwargs)
+        target = PAGED_NAME if _attention_updates_cache() else NAME
+        if target != current:
+            model.set_attn_implementation(target)
+            self._original_attn_impl = current  # what stop() puts back, as Transformers' own method records it
+        return None
+
+    setattr(switch_to_cb_friendly_attn, _OURS, original)
+    return switch_to_cb_friendly_attn
+
+
+def register_continuous_batching(continuous_api) -> None:
+    """Let ``generate_batch`` / ``init_continuous_batching`` run a "fastattn" model on fastattn
+    (idempotent; ``continuous_api``: ``transformers.generation.continuous_batching.continuous_api``)."""
+    manager = getattr(continuous_api, "ContinuousBatchingManager", None)
+    method = getattr(manager, "switch_to_cb_friendly_attn", None)
+    if method is None or hasattr(method, _OURS):
+        return
+    manager.switch_to_cb_friendly_attn = _cb_friendly(method)
+
+
 # --------------------------------------------------------------------------- registration
 
 
 def register_attention(modeling_utils) -> None:
     modeling_utils.AttentionInterface.register(NAME, attention_forward)
+    # No mask function for it: Transformers then builds no mask, as continuous batching needs.
+    modeling_utils.AttentionInterface.register(PAGED_NAME, paged_attention_forward)
 
 
 def register_mask(masking_utils) -> None:
@@ -614,6 +741,11 @@ def register() -> None:
 
     register_attention(modeling_utils)
     register_mask(masking_utils)
+    try:
+        from transformers.generation.continuous_batching import continuous_api
+    except ImportError:  # a Transformers without continuous batching
+        return
+    register_continuous_batching(continuous_api)
 
 
 # --------------------------------------------------------------------------- patch / unpatch
@@ -668,6 +800,9 @@ def patch(model=None, *, torch_sdpa: bool = False):
     if "sdpa" not in _originals:
         _originals["sdpa"] = mapping["sdpa"]
         mapping["sdpa"] = attention_forward
+        if "paged|sdpa" in mapping:  # continuous batching's "sdpa" in Transformers 5.17 (updates the cache itself)
+            _originals["paged|sdpa"] = mapping["paged|sdpa"]
+            mapping["paged|sdpa"] = paged_attention_forward
     if torch_sdpa and "torch_sdpa" not in _originals:
         _originals["torch_sdpa"] = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = _sdpa_drop_in
@@ -687,6 +822,8 @@ def unpatch(model=None):
         from transformers import modeling_utils
 
         modeling_utils.AttentionInterface._global_mapping["sdpa"] = _originals.pop("sdpa")
+        if "paged|sdpa" in _originals:
+            modeling_utils.AttentionInterface._global_mapping["paged|sdpa"] = _originals.pop("paged|sdpa")
     if "torch_sdpa" in _originals:
         torch.nn.functional.scaled_dot_product_attention = _originals.pop("torch_sdpa")
     return None
