@@ -37,6 +37,7 @@ from ..backends.sdpa import math_attention
 from ..inputs import (HALF_DTYPES, AttentionCall, check_sdpa_args, from_varlen_args, holds_as_is, mask_dtypes,
                       sdpa_call, sdpa_signature, with_extras)
 from ..testing import MODEL_TOLERANCES
+from .masks import CausalPaddingMask
 
 __all__ = [
     "NAME",
@@ -220,6 +221,8 @@ def _build_call_and_layout(module, query, key, value, attention_mask, dropout, s
     compact = None if kwargs.get("position_bias") is not None else _compact_causal_padding(mask, query.shape[0], L, S)
     if compact is not None:  # the same visibility as the full mask; the kernel skips what causal rules out
         mask = compact[0]
+    else:
+        mask = _plain_mask(mask)
     causal, window = _positions(module, L, mask, compact, kwargs)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -281,7 +284,7 @@ def _signature(module, query, key, value, attention_mask, dropout, scaling, kwar
     dtype = query.dtype
     target = _compute_dtype(module, query.device.type) if dtype is torch.float32 else None
     compact = None if attention_mask is None else _compact_causal_padding(attention_mask, query.shape[0], L, key.shape[2])
-    mask = attention_mask if compact is None else compact[0]
+    mask = _plain_mask(attention_mask) if compact is None else compact[0]
     if mask is not None and mask.dtype not in mask_dtypes(target or dtype):
         return None, None, False, (-1, -1)  # made float32 on the full path
     causal, window = _positions(module, L, mask, compact, kwargs)
@@ -400,12 +403,11 @@ def _attention_forward(module, query, key, value, attention_mask, dropout, scali
 # --------------------------------------------------------------------------- the mask function
 
 
-# A causal mask with padding, as Transformers builds it (B, 1, L, S), also carries what it
-# is made of: the (B, S) key padding and the diagonal. attention_forward runs that form
-# (causal in the kernel, which skips the blocks above the diagonal, and one mask row per
-# batch) when it gets this very tensor; a copy (a device_map move, a slice) is read as
-# the full mask it is.
-_CAUSAL_PADDING = "_fastattn_causal_padding"
+# A causal mask with padding (prefill, q_length > 1) is a CausalPaddingMask: (B, 1, L, S) to every
+# reader, held as the (B, S) key padding and the diagonal. attention_forward runs that form
+# (causal in the kernel, which skips the blocks above the diagonal, and one mask row per batch);
+# nothing of size L x S is built unless another reader asks for the values (a copy, a partial
+# slice, a comparison, torch's SDPA), which then get sdpa_mask's exactly.
 
 
 def _padding_row(attention_mask: torch.Tensor, kv_offset: int, kv_length: int, device) -> torch.Tensor:
@@ -428,7 +430,8 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     (None where SDPA would use ``is_causal``, else a (B, 1, L, S) bool mask), except that a
     plain bidirectional padding mask is returned as a stride-0 view of the (B, S) padding
     instead of a materialized (B, 1, L, S) tensor (same values; the kernel reads it as is),
-    and a plain causal mask with padding carries its compact form (see ``_CAUSAL_PADDING``)."""
+    and a plain causal mask with padding (q_length > 1) is a :class:`~fastattn.integrations.masks.CausalPaddingMask`,
+    the same values held as the padding and the diagonal."""
     masking_utils = _masking_utils()
     factory = masking_utils.causal_mask_function if mask_function is None else mask_function
     plain = (not use_vmap and local_size is None and attention_mask is not None and attention_mask.dim() == 2
@@ -449,6 +452,19 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
             return None
         padding = padding[:, None, None, :]
         return padding if padding.shape[0] == batch_size else padding.expand(batch_size, 1, 1, kv_length)
+    if (plain and q_length > 1 and offsets_known and factory is masking_utils.causal_mask_function
+            and attention_mask.dtype == torch.bool and attention_mask.shape[0] == batch_size and q_offset >= kv_offset):
+        # sdpa_mask's None cases, by its own helpers (they read the padding: one device sync, as there)
+        padded = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if allow_is_causal_skip and masking_utils._ignore_causal_mask_sdpa(padded, q_length, kv_length, q_offset,
+                                                                          kv_offset, None):
+            return None
+        if allow_is_bidirectional_skip and masking_utils._ignore_bidirectional_mask_sdpa(padded, kv_length, None):
+            return None
+        # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
+        # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset).
+        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
+        return CausalPaddingMask(padding, int(q_offset) - int(kv_offset), q_length)
     mask = masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                                    kv_offset=kv_offset, mask_function=factory, attention_mask=attention_mask,
                                    local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
@@ -459,12 +475,6 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         found = _packed_sequence_ids(factory, masking_utils)
         if found is not None and tuple(found[0].shape) == (1, q_length):  # cumulative sums: non-decreasing
             setattr(mask, _PACKED, (*_packed_boundaries(found[0].to(mask.device)), found[1]))
-    # A decode step (one query) gains nothing from the compact form: its mask is one row per sequence already.
-    if plain and q_length > 1 and offsets_known and mask is not None and factory is masking_utils.causal_mask_function:
-        # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
-        # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset).
-        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
-        setattr(mask, _CAUSAL_PADDING, (padding[:, None, None, :], int(q_offset) - int(kv_offset)))
     return mask
 
 
@@ -584,17 +594,21 @@ def _masking_utils():
 
 
 def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int):
-    """(key padding (B, 1, 1, S), diagonal) when ``mask`` is one that :func:`mask_function`
-    built for these sizes, else None."""
-    if mask is None or torch.compiler.is_compiling():
+    """(key padding (B, 1, 1, S), diagonal) when ``mask`` is a :class:`CausalPaddingMask` of these
+    sizes whose values were not written, else None (diagonal >= 0: the mask function makes no other)."""
+    if type(mask) is not CausalPaddingMask or torch.compiler.is_compiling():
         return None
-    compact = getattr(mask, _CAUSAL_PADDING, None)
-    if compact is None or mask.shape[-2:] != (L, S):
+    if mask.shape[0] != B or mask.shape[2] != L or mask.shape[3] != S:
         return None
-    padding, diag = compact
-    if padding.shape != (B, 1, 1, S) or padding.device != mask.device or diag < 0:  # -1 would mean unbounded
-        return None
-    return compact
+    return mask.compact()
+
+
+def _plain_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``mask`` as a plain tensor: a :class:`CausalPaddingMask` not run in its compact form is read
+    as its materialized values (the kernels take a plain tensor's pointer and strides)."""
+    if type(mask) is CausalPaddingMask and not torch.compiler.is_compiling():
+        return mask.dense()
+    return mask
 
 
 # --------------------------------------------------------------------------- registration

@@ -1,0 +1,208 @@
+"""The masks the "fastattn" mask function builds without materializing them: a padded causal
+prefill mask is a CausalPaddingMask ((B, 1, L, S) to every reader, held as the (B, S) padding and
+the diagonal). Its values against Transformers' sdpa_mask, what other readers see, and that the
+fast path builds nothing of size L x S."""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[test])")
+
+import fastattn  # noqa: E402
+from fastattn.integrations import transformers as hf  # noqa: E402
+from fastattn.integrations.masks import CausalPaddingMask  # noqa: E402
+from transformers import masking_utils  # noqa: E402
+
+from .conftest import DEVICE  # noqa: E402
+from .test_transformers_attention import FakeAttention, qkv  # noqa: E402
+
+
+def _padding(B, length, side):
+    keep = torch.ones(B, length, dtype=torch.bool, device=DEVICE)
+    if side == "left":
+        keep[0, :3] = False
+    elif side == "right":
+        keep[0, length - 2:] = False
+    if B > 1:
+        keep[-1, :1] = False  # another row padded differently
+    return keep
+
+
+CASES = [  # (L, S, q_offset, kv_offset)
+    (7, 7, 0, 0),    # prefill
+    (3, 8, 5, 0),    # chunked prefill after 5 cached tokens
+    (3, 10, 5, 0),   # static cache: keys past the queries are not filled yet
+    (2, 6, 9, 4),    # a cache window that starts at position 4
+    (4, 12, 4, 0),   # the 2-D mask shorter than the keys: sdpa_mask pads it with False
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("L, S, q_offset, kv_offset", CASES)
+def test_values_are_sdpa_masks(L, S, q_offset, kv_offset, B, side):
+    pad = _padding(B, min(kv_offset + S, q_offset + L), side)
+    for skip in (True, False):
+        args = dict(batch_size=B, q_length=L, kv_length=S, q_offset=q_offset, kv_offset=kv_offset,
+                    attention_mask=pad, allow_is_causal_skip=skip, device=DEVICE)
+        ours, ref = hf.mask_function(**args), masking_utils.sdpa_mask(**args)
+        assert type(ours) is CausalPaddingMask
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype == torch.bool and ours.device == ref.device
+        assert torch.equal(ours, ref)
+        # what other readers of the mask do with it
+        assert torch.equal(ours[:, :, :, :S - 1], ref[:, :, :, :S - 1])
+        assert torch.equal(ours[-1, 0, 1:], ref[-1, 0, 1:])
+        assert torch.equal(ours.to(torch.float32), ref.to(torch.float32))
+        assert torch.equal(~ours, ~ref) and torch.equal(ours.clone(), ref)
+        assert ours.sum().item() == ref.sum().item()
+        assert torch.equal(torch.where(ours, 0.0, -1e9), torch.where(ref, 0.0, -1e9))
+
+
+def test_none_where_sdpa_mask_gives_none():
+    """No padding in the keys the queries see: sdpa_mask skips the mask (is_causal), so do we."""
+    pad = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+    args = dict(batch_size=2, q_length=7, kv_length=7, attention_mask=pad, device=DEVICE)
+    assert masking_utils.sdpa_mask(**args) is None and hf.mask_function(**args) is None
+    args = dict(batch_size=2, q_length=7, kv_length=7, attention_mask=pad, allow_is_causal_skip=False, device=DEVICE)
+    assert torch.equal(hf.mask_function(**args), masking_utils.sdpa_mask(**args))
+
+
+def _mask(B=2, L=7, S=7, q_offset=0):
+    return hf.mask_function(batch_size=B, q_length=L, kv_length=S, q_offset=q_offset, attention_mask=_padding(B, S, "left"),
+                            device=DEVICE)
+
+
+def test_full_views_and_moves_stay_compact():
+    mask = _mask()
+    ref = mask.dense().clone()
+    for view in (mask[:, :, :, :7], mask[:, :, :, :100], mask[:], mask.detach(), mask.to("meta")):
+        assert type(view) is CausalPaddingMask and view.compact() is not None and view.shape == mask.shape
+    assert torch.equal(mask[:, :, :, :7], ref)
+    assert mask.to("meta").device.type == "meta"
+    assert mask.to(DEVICE) is mask and mask.bool() is mask
+
+
+def _values(mask):
+    return mask.dense() if type(mask) is CausalPaddingMask else mask
+
+
+def test_writes_are_seen_and_end_the_compact_form():
+    """A write into the mask, into a view of it or into its dense tensor: later readers (fastattn's
+    attention included) see the written values."""
+    writes = [lambda m: m.logical_not_(), lambda m: m.__setitem__((0, 0, 5, 0), True),
+              lambda m: m[:, :, :, :7][1, 0].fill_(True), lambda m: _values(m)[0, 0, 6].fill_(False)]
+    module = FakeAttention()
+    q, k, v = qkv(L=7, S=7)
+    for write in writes:
+        mask = _mask()
+        expected = mask.dense().clone()
+        write(expected)
+        write(mask)
+        assert torch.equal(mask, expected) and mask.compact() is None
+        assert hf._build_call(module, q, k, v, mask, 0.0, 0.3, {}).mask.shape == (2, 1, 7, 7)
+        out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+        ref, _ = hf.attention_forward(module, q, k, v, expected, scaling=0.3)
+        assert torch.equal(out, ref)
+
+
+def test_copies_pickles_and_prints_as_its_values():
+    mask = _mask(q_offset=0)
+    ref = mask.dense().clone()
+    for copied in (copy.deepcopy(mask), pickle.loads(pickle.dumps(mask))):
+        assert type(copied) is CausalPaddingMask and copied.compact() is not None and torch.equal(copied, ref)
+    buffer = io.BytesIO()
+    torch.save(mask, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False), ref)
+    assert repr(mask) == repr(ref)
+    written = _mask()
+    written[0, 0, 0, 0] = True
+    assert torch.equal(copy.deepcopy(written), written) and type(copy.deepcopy(written)) is torch.Tensor
+
+
+def test_torch_sdpa_reads_the_values():
+    mask = _mask()
+    q, k, v = qkv(L=7, S=7, Hkv=4)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense().clone())
+    assert torch.equal(out, ref)
+
+
+def test_compiled_region_reads_the_values():
+    """A region compiled apart from the mask function (one decoder layer, say) gets the mask as
+    an input: a traceable subclass, its ops traced through its __torch_dispatch__."""
+    mask = _mask()
+    x = torch.randn(2, 1, 7, 7, device=DEVICE)
+    fn = torch.compile(lambda m, x: x.masked_fill(~m, 0.0), backend="aot_eager", fullgraph=True)
+    assert torch.equal(fn(mask, x), x.masked_fill(~mask.dense(), 0.0))
+
+
+class _Shapes(TorchDispatchMode):
+    """The shapes of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("L, S, q_offset", [(23, 23, 0), (11, 29, 18)])
+def test_the_fast_path_builds_nothing_of_size_l_by_s(L, S, q_offset):
+    """mask function + attention on the kernel (fp16): no tensor with an (L, S) tail is made."""
+    pad = _padding(2, S, "left")
+    q, k, v = qkv(L=L, S=S, D=16, dtype=torch.float16)
+    with _Shapes() as seen, fastattn.use_backend("triton"), hf.record_backends() as records:
+        mask = hf.mask_function(batch_size=2, q_length=L, kv_length=S, q_offset=q_offset, attention_mask=pad,
+                                device=DEVICE)
+        out, _ = hf.attention_forward(FakeAttention(), q, k, v, mask, scaling=0.25)
+    assert type(mask) is CausalPaddingMask and [r.backend for r in records] == ["triton"]
+    big = [(op, shape) for op, shape in seen.shapes if shape[-2:] == (L, S)]
+    assert not big, f"built an L x S tensor: {big}"
+    ref, _ = hf.attention_forward(FakeAttention(), q, k, v, mask.dense().clone(), scaling=0.25)
+    keep = mask.dense().any(-1)[:, 0]
+    assert (out[keep].double() - ref[keep].double()).abs().max().item() <= 2e-3
+
+
+def test_tiny_llama_left_padding_same_logits_as_sdpa():
+    """fp32 CPU: the same logits with fastattn as with sdpa, and every layer gets the compact mask."""
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, pad_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(DEVICE).eval()
+    ids = torch.randint(1, 100, (3, 9), device=DEVICE)
+    keep = torch.ones(3, 9, dtype=torch.long, device=DEVICE)
+    keep[0, :4] = 0
+    keep[1, :1] = 0
+    ids = ids.masked_fill(keep == 0, 0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=keep).logits
+    hf.set_attn_implementation(model, "fastattn")
+    mapping = transformers.modeling_utils.AttentionInterface._global_mapping
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append(type(attention_mask))
+        return hf.attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+    mapping["fastattn"] = spy
+    try:
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=keep).logits
+    finally:
+        mapping["fastattn"] = hf.attention_forward
+    assert seen == [CausalPaddingMask] * 2
+    rows = keep.bool()
+    assert (got[rows] - ref[rows]).abs().max().item() <= 1e-5
+
