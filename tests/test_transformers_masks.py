@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 import fastattn  # noqa: E402
 from fastattn.integrations import transformers as hf  # noqa: E402
 from fastattn.integrations.masks import CausalPaddingMask  # noqa: E402
+from fastattn.testing import assert_close_by_rule, reference_attention  # noqa: E402
 from transformers import masking_utils  # noqa: E402
 
 from .conftest import DEVICE  # noqa: E402
@@ -206,3 +207,119 @@ def test_tiny_llama_left_padding_same_logits_as_sdpa():
     rows = keep.bool()
     assert (got[rows] - ref[rows]).abs().max().item() <= 1e-5
 
+
+# --------------------------------------------------------------------------- padded encoder batches, unpadded
+
+
+def _key_padding(B, S, kind):
+    keep = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    lengths = [S - 1 - (b * 7) % S for b in range(B)]  # every row padded, one by more than half
+    lengths[0] = S // 3
+    for b, n in enumerate(lengths):
+        if kind == "right":  # as tokenizers pad: the valid keys are a prefix
+            keep[b, n:] = False
+        elif kind == "left":
+            keep[b, :S - n] = False
+        else:  # holes: the valid keys gathered
+            keep[b, torch.randperm(S, device=DEVICE)[:S - n]] = False
+    if B > 2:
+        keep[2] = True  # an unpadded row
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["right", "left", "holes"])
+@pytest.mark.parametrize("B, L, S, Hq, Hkv, D", [(3, 37, 37, 2, 2, 32), (2, 5, 70, 4, 2, 16)])
+def test_padded_encoder_batch_runs_unpadded(B, L, S, Hq, Hkv, D, kind, dtype):
+    """A bidirectional key-padding mask runs as varlen, every query row (padded ones too: they
+    attend to their batch's keys, as in the masked computation) by flash-attn's rule against an
+    fp64 reference of the masked computation, and equal to the masked kernel's result."""
+    keep = _key_padding(B, S, kind)
+    mask = hf.mask_function(batch_size=B, q_length=L, kv_length=S, mask_function=masking_utils.bidirectional_mask_function,
+                            attention_mask=keep, device=DEVICE)
+    q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, D=D, dtype=dtype)
+    module = FakeAttention(hq=Hq, hkv=Hkv, is_causal=False)
+    with fastattn.use_backend("triton"), hf.record_backends() as records:
+        out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    valid = int(keep.sum())
+    assert [(r.backend, r.shape) for r in records] == [("triton", (1, Hq, B * L, B * S if kind == "right" else valid))]
+    dense = mask.contiguous()  # the same values, not the mask function's object: the masked kernel
+    with fastattn.use_backend("triton"), hf.record_backends() as masked_records:
+        masked, _ = hf.attention_forward(module, q, k, v, dense, scaling=0.3)
+    assert [r.shape for r in masked_records] == [(B, Hq, L, S)]
+    ref, _ = reference_attention(q, k, v, scale=0.3, mask=dense)
+    lowp, _ = reference_attention(q, k, v, scale=0.3, mask=dense, compute_dtype=None)
+    assert out.shape == masked.shape == (B, L, Hq, D)
+    assert_close_by_rule(out, ref.transpose(1, 2), lowp.transpose(1, 2))
+    assert_close_by_rule(masked, ref.transpose(1, 2), lowp.transpose(1, 2))
+
+
+def test_padded_encoder_batch_keeps_the_masked_kernel_where_unpadding_does_not_pay():
+    """Little padding, a gradient to compute (the varlen backward is not merged), dropout or fp32:
+    the masked call, as before."""
+    B, L, H, D = 2, 20, 2, 16
+    keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    keep[0, -2:] = False  # 5% padding
+    args = dict(batch_size=B, q_length=L, kv_length=L, mask_function=masking_utils.bidirectional_mask_function,
+                device=DEVICE)
+    little = hf.mask_function(attention_mask=keep, **args)
+    keep = keep.clone()
+    keep[:, L // 2:] = False
+    much = hf.mask_function(attention_mask=keep, **args)
+    module = FakeAttention(hq=H, hkv=H, is_causal=False)
+    q, k, v = qkv(B=B, Hq=H, Hkv=H, L=L, S=L, D=D, dtype=torch.float16)
+    cases = [(little, (q, k, v), {}), (much, (q.detach().requires_grad_(), k, v), {}), (much, (q, k, v), dict(dropout=0.1))]
+    for mask, (q_, k_, v_), extra in cases:
+        with hf.record_backends() as records:
+            hf.attention_forward(module, q_, k_, v_, mask, scaling=0.3, **extra)
+        assert records[0].shape == (B, H, L, L), records
+    with hf.record_backends() as records:
+        hf.attention_forward(module, q.float(), k.float(), v.float(), much, scaling=0.3)
+    assert records[0].shape == (B, H, L, L) and records[0].backend == "sdpa"
+
+
+def test_tiny_bert_runs_unpadded_with_the_masked_result():
+    """A tiny BERT in fp16, right-padded as tokenizers pad: every layer runs unpadded, and every
+    position's output (padded ones too) is the masked path's."""
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    model = transformers.AutoModel.from_config(config, attn_implementation="fastattn").to(DEVICE, torch.float16).eval()
+    ids = torch.randint(1, 100, (3, 19), device=DEVICE)
+    keep = torch.ones(3, 19, dtype=torch.long, device=DEVICE)
+    keep[0, 6:] = 0
+    keep[1, 12:] = 0
+    ids = ids.masked_fill(keep == 0, 0)
+    with torch.no_grad(), hf.record_backends() as records:
+        got = model(input_ids=ids, attention_mask=keep).last_hidden_state
+    assert [(r.backend, r.shape[0]) for r in records] == [("triton", 1)] * 2  # varlen: one row of sequences
+    with torch.no_grad(), hf.record_backends() as records, _masked_only():
+        masked = model(input_ids=ids, attention_mask=keep).last_hidden_state
+    assert [(r.backend, r.shape[0]) for r in records] == [("triton", 3)] * 2
+    assert torch.isfinite(got).all()
+    assert (got.double() - masked.double()).abs().max().item() <= 1e-2 * masked.abs().max().item()
+
+
+class _masked_only:
+    def __enter__(self):
+        self.saved, hf.UNPADDED_MIN_PADDING = hf.UNPADDED_MIN_PADDING, 2.0
+
+    def __exit__(self, *exc):
+        hf.UNPADDED_MIN_PADDING = self.saved
+
+
+def test_minilm_fp16_runs_unpadded_with_the_masked_embeddings():
+    """The packaged all-MiniLM-L6-v2 on a padded batch: every layer unpadded, the same sentence
+    embeddings (and hidden states at every position) as the masked kernel's."""
+    from .test_transformers_models import SENTENCES, _minilm_path
+
+    path = _minilm_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tok(SENTENCES, padding=True, return_tensors="pt").to(DEVICE)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="fastattn", dtype=torch.float16)
+    model = model.to(DEVICE).eval()
+    with torch.no_grad(), hf.record_backends() as records:
+        got = model(**batch).last_hidden_state
+    assert [(r.backend, r.shape[0]) for r in records] == [("triton", 1)] * model.config.num_hidden_layers
+    with torch.no_grad(), _masked_only():
+        masked = model(**batch).last_hidden_state
+    assert (got.double() - masked.double()).abs().max().item() <= 1e-2 * masked.abs().max().item()

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .. import dispatch
+from .._env import interpreting
 from ..backends.sdpa import math_attention
 from ..inputs import (HALF_DTYPES, AttentionCall, check_sdpa_args, from_varlen_args, holds_as_is, mask_dtypes,
                       sdpa_call, sdpa_signature, with_extras)
@@ -238,6 +239,11 @@ def _build_call_and_layout(module, query, key, value, attention_mask, dropout, s
         if packed is not None:
             cu, longest = packed
             return _packed_call(module, query, key, value, cu, cu, longest, longest, dropout, scaling, kwargs), None
+    keys = _unpadded_keys(query, key, value, mask, dropout, kwargs, query.dtype)
+    if keys is not None:
+        call = _unpadded_call(query, key, value, keys, scaling, kwargs)
+        if call is not None:
+            return call, None
     packed = _packed_sequences(mask, query.shape[0], L, S)
     if packed is not None and kwargs.get("position_bias") is None:  # packed position_ids: the mask's own varlen form
         cu, longest, window = packed
@@ -283,6 +289,8 @@ def _signature(module, query, key, value, attention_mask, dropout, scaling, kwar
         return None, None, False, (-1, -1)  # packed sequences, perhaps: the full path tells (and runs varlen)
     dtype = query.dtype
     target = _compute_dtype(module, query.device.type) if dtype is torch.float32 else None
+    if _unpadded_keys(query, key, value, attention_mask, dropout, kwargs, target or dtype) is not None:
+        return None, None, False, (-1, -1)  # a padded encoder batch run unpadded: the full path builds its call
     compact = None if attention_mask is None else _compact_causal_padding(attention_mask, query.shape[0], L, key.shape[2])
     mask = _plain_mask(attention_mask) if compact is None else compact[0]
     if mask is not None and mask.dtype not in mask_dtypes(target or dtype):
@@ -317,6 +325,85 @@ def _packed_call(module, query, key, value, cu_q, cu_k, max_q, max_k, dropout, s
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
         L if max_q is None else max_q, S if max_k is None else max_k,  # the row's length bounds every sequence
         float(dropout or 0.0), scaling, causal, window, kwargs.get("softcap") or 0.0, sinks=kwargs.get("s_aux"))
+
+
+# --------------------------------------------------------------------------- padded encoder batches, unpadded
+
+# The padding fraction (of the keys) from which a padded batch with a bidirectional padding mask
+# (BERT-style encoders) runs as varlen, each sequence against its own keys only, instead of the
+# masked kernel over all keys. NOT YET MEASURED ON A GPU: a guess until the GPU check's `unpadded`
+# stage (benchmarks/unpadded.py) shows where the varlen kernel starts to win.
+UNPADDED_MIN_PADDING = 0.25
+
+# The bidirectional padding mask mask_function builds (a stride-0 view of the (B, S) padding)
+# carries that padding, and once read, its varlen form: every layer gets the same mask object,
+# so the key lengths and the gather index are worked out once per forward.
+_KEY_PADDING = "_fastattn_key_padding"
+_UNPADDED = "_fastattn_unpadded"  # (padding fraction, cu_seqlens_q, cu_seqlens_k, seqused_k, key index)
+
+
+def _key_layout(mask: torch.Tensor):
+    """(padding fraction, cu_seqlens_q, cu_seqlens_k, seqused_k, key index) of a key-padding mask,
+    worked out once per mask: one device read (two when the valid keys are not each row's prefix).
+    Queries: every row of every batch (padded query rows attend to their batch's keys, as in the
+    masked computation). Keys: right padding (each row's valid keys a prefix, as tokenizers pad)
+    keeps K/V where they are, each sequence using its first ``seqused_k`` keys; any other padding
+    gathers the valid keys (``key index`` into the (B * S) rows)."""
+    found = getattr(mask, _UNPADDED, None)
+    if found is None:
+        padding = getattr(mask, _KEY_PADDING)
+        B, S = padding.shape
+        L = mask.shape[2]
+        lengths = padding.sum(-1, dtype=torch.int32)
+        prefix = (padding == (torch.arange(S, device=padding.device) < lengths[:, None])).all()
+        valid, is_prefix = torch.stack([lengths.sum(), prefix.to(lengths.dtype)]).tolist()  # one device read
+        steps = torch.arange(B + 1, dtype=torch.int32, device=padding.device)
+        if is_prefix:
+            cu_k, seqused, index = steps * S, lengths, None
+        else:
+            cu_k = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            seqused, index = None, padding.reshape(-1).nonzero().squeeze(1)
+        found = (1.0 - valid / (B * S), steps * L, cu_k, seqused, index)
+        setattr(mask, _UNPADDED, found)
+    return found
+
+
+def _unpadded_keys(query, key, value, mask, dropout, kwargs, dtype):
+    """The mask's varlen form (see :func:`_key_layout`) when this call runs unpadded: a
+    bidirectional key-padding mask of :func:`mask_function` with at least UNPADDED_MIN_PADDING of
+    the keys padded, half precision for the kernel, no dropout, no gradient (the varlen backward
+    is not merged yet: training keeps the masked kernel); else None."""
+    if mask is None or getattr(mask, _KEY_PADDING, None) is None or torch.compiler.is_compiling():
+        return None
+    if (dtype not in HALF_DTYPES or dropout or kwargs.get("position_bias") is not None
+            or kwargs.get("output_attentions") or (query.device.type != "cuda" and not interpreting())):
+        return None
+    sinks = kwargs.get("s_aux")
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                    or (isinstance(sinks, torch.Tensor) and sinks.requires_grad)):
+        return None
+    if mask.shape != (query.shape[0], 1, query.shape[2], key.shape[2]) or mask.shape[3] == 0:
+        return None
+    keys = _key_layout(mask)
+    return keys if keys[0] >= UNPADDED_MIN_PADDING else None
+
+
+def _unpadded_call(query, key, value, keys, scaling, kwargs) -> Optional[AttentionCall]:
+    """A padded batch with a key-padding mask as a varlen call (None when the Triton kernel would
+    not run it: the masked call is then the better one). Query rows stay in place, so the output
+    is (B, L, Hq, Dv) as the masked call's; no compute goes to padded keys."""
+    _, cu_q, cu_k, seqused_k, index = keys
+    B, Hq, L, E = query.shape
+    S = key.shape[2]
+    q = query.transpose(1, 2).reshape(B * L, Hq, E)
+    k = key.transpose(1, 2).reshape(B * S, key.shape[1], E)
+    v = value.transpose(1, 2).reshape(B * S, value.shape[1], value.shape[3])
+    if index is not None:
+        k, v = k.index_select(0, index), v.index_select(0, index)
+    sinks = kwargs.get("s_aux")
+    call = from_varlen_args(q, k, v, cu_q, cu_k, L, S, 0.0, scaling, False, (-1, -1), kwargs.get("softcap") or 0.0,
+                            seqused_k=seqused_k, sinks=None if sinks is None else sinks.to(query.device))
+    return call if dispatch.explain_call(call).chosen == "triton" else None
 
 
 def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,6 +482,8 @@ def _attention_forward(module, query, key, value, attention_mask, dropout, scali
         out, _ = plan.backend.run(call)
         weights = None
     out = out.transpose(1, 2).contiguous()
+    if layout is None:  # varlen: (1, total_q, Hq, Dv), every batch's L rows (one row of packed sequences, or B padded)
+        out = out.view(query.shape[0], query.shape[2], *out.shape[2:])
     if out.dtype != in_dtype:
         out = out.to(in_dtype)
     return out, weights
@@ -440,7 +529,10 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         padding = _padding_row(attention_mask, kv_offset, kv_length, device)
         if allow_is_bidirectional_skip and bool(padding.all()):
             return None
-        return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+        mask = padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+        if padding.shape[0] == batch_size:
+            setattr(mask, _KEY_PADDING, padding)  # its varlen form, for attention_forward
+        return mask
     offsets_known = isinstance(q_offset, numbers.Integral) and isinstance(kv_offset, numbers.Integral)  # StaticCache: tensors
     if (plain and q_length == 1 and offsets_known and factory is masking_utils.causal_mask_function
             and kv_offset + kv_length - 1 <= q_offset):
