@@ -241,9 +241,9 @@ def _build_call_and_layout(module, query, key, value, attention_mask, dropout, s
             return _packed_call(module, query, key, value, cu, cu, longest, longest, dropout, scaling, kwargs), None
     keys = _unpadded_keys(query, key, value, mask, dropout, kwargs, query.dtype)
     if keys is not None:
-        call = _unpadded_call(query, key, value, keys, scaling, kwargs)
-        if call is not None:
-            return call, None
+        planned = _unpadded_call(query, key, value, keys, scaling, kwargs)
+        if planned is not None:
+            return planned
     packed = _packed_sequences(mask, query.shape[0], L, S)
     if packed is not None and kwargs.get("position_bias") is None:  # packed position_ids: the mask's own varlen form
         cu, longest, window = packed
@@ -388,10 +388,17 @@ def _unpadded_keys(query, key, value, mask, dropout, kwargs, dtype):
     return keys if keys[0] >= UNPADDED_MIN_PADDING else None
 
 
-def _unpadded_call(query, key, value, keys, scaling, kwargs) -> Optional[AttentionCall]:
-    """A padded batch with a key-padding mask as a varlen call (None when the Triton kernel would
-    not run it: the masked call is then the better one). Query rows stay in place, so the output
-    is (B, L, Hq, Dv) as the masked call's; no compute goes to padded keys."""
+@dataclass(frozen=True)
+class _Unpadded:
+    """The layout of a padded batch run unpadded (varlen): its plan, made when it was chosen."""
+
+    plan: dispatch.Plan
+
+
+def _unpadded_call(query, key, value, keys, scaling, kwargs) -> Optional[tuple[AttentionCall, _Unpadded]]:
+    """A padded batch with a key-padding mask as a varlen call, and its layout (None when the
+    Triton kernel would not run it: the masked call is then the better one). Query rows stay in
+    place, so the output is (B, L, Hq, Dv) as the masked call's; no compute goes to padded keys."""
     _, cu_q, cu_k, seqused_k, index = keys
     B, Hq, L, E = query.shape
     S = key.shape[2]
@@ -403,7 +410,8 @@ def _unpadded_call(query, key, value, keys, scaling, kwargs) -> Optional[Attenti
     sinks = kwargs.get("s_aux")
     call = from_varlen_args(q, k, v, cu_q, cu_k, L, S, 0.0, scaling, False, (-1, -1), kwargs.get("softcap") or 0.0,
                             seqused_k=seqused_k, sinks=None if sinks is None else sinks.to(query.device))
-    return call if dispatch.explain_call(call).chosen == "triton" else None
+    plan = dispatch.plan(call, None)
+    return (call, _Unpadded(plan)) if plan.backend.name == "triton" else None
 
 
 def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,14 +483,17 @@ def _attention_forward(module, query, key, value, attention_mask, dropout, scali
         out, weights = _eager_with_weights(call)
     else:
         _record(module, call)
-        if layout is None:  # a packed batch run as varlen: nothing to keep for later calls
-            signature = None
-        plan = dispatch.plan(call, signature, layout, as_is=layout is not None and holds_as_is(call, query, key,
-                                                                                              value, mask))
+        if type(layout) is _Unpadded:  # planned when it was chosen over the masked call
+            plan = layout.plan
+        else:
+            if layout is None:  # a packed batch run as varlen: nothing to keep for later calls
+                signature = None
+            plan = dispatch.plan(call, signature, layout, as_is=layout is not None and holds_as_is(call, query, key,
+                                                                                                  value, mask))
         out, _ = plan.backend.run(call)
         weights = None
     out = out.transpose(1, 2).contiguous()
-    if layout is None:  # varlen: (1, total_q, Hq, Dv), every batch's L rows (one row of packed sequences, or B padded)
+    if layout is None or type(layout) is _Unpadded:  # varlen: (1, total_q, Hq, Dv), every batch's L rows
         out = out.view(query.shape[0], query.shape[2], *out.shape[2:])
     if out.dtype != in_dtype:
         out = out.to(in_dtype)
