@@ -65,6 +65,20 @@ def test_values_are_sdpa_masks(L, S, q_offset, kv_offset, B, side):
         assert torch.equal(torch.where(ours, 0.0, -1e9), torch.where(ref, 0.0, -1e9))
 
 
+def test_every_kind_of_reader_sees_the_values():
+    mask = _mask(B=2, L=5, S=6, q_offset=1)
+    ref = mask.dense().clone()
+    mask = _mask(B=2, L=5, S=6, q_offset=1)  # nothing materialized yet
+    readers = [lambda m: m.tolist(), lambda m: m.cpu().numpy().tolist(), lambda m: str(m), lambda m: m.stride(),
+               lambda m: m.is_contiguous(), lambda m: m.view(2, -1).tolist(), lambda m: torch.cat([m, m]).tolist(),
+               lambda m: m.expand(2, 3, 5, 6).tolist(), lambda m: m.nonzero().tolist(), lambda m: m[m].numel(),
+               lambda m: m.half().tolist(), lambda m: bool(m.any()), lambda m: m.nbytes, lambda m: (m != m).any().item(),
+               lambda m: m.float().masked_fill(~m, -1.0).tolist(), lambda m: m.untyped_storage().nbytes()]
+    for read in readers:
+        assert read(mask) == read(ref)
+    assert mask.compact() is not None  # reading is not writing
+
+
 def test_none_where_sdpa_mask_gives_none():
     """No padding in the keys the queries see: sdpa_mask skips the mask (is_causal), so do we."""
     pad = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
@@ -142,6 +156,18 @@ def test_compiled_region_reads_the_values():
     x = torch.randn(2, 1, 7, 7, device=DEVICE)
     fn = torch.compile(lambda m, x: x.masked_fill(~m, 0.0), backend="aot_eager", fullgraph=True)
     assert torch.equal(fn(mask, x), x.masked_fill(~mask.dense(), 0.0))
+
+
+def test_compiled_attention_reads_the_values():
+    """fastattn's attention under torch.compile given the mask made outside: the same result."""
+    mask = _mask()
+    q, k, v = qkv(L=7, S=7)
+    module = FakeAttention()
+    fn = torch.compile(lambda q, k, v, m: hf.attention_forward(module, q, k, v, m, scaling=0.25)[0], backend="aot_eager")
+    out = fn(q, k, v, mask)
+    ref, _ = hf.attention_forward(module, q, k, v, mask.dense().clone(), scaling=0.25)
+    keep = mask.dense().any(-1)[:, 0]
+    assert (out[keep] - ref[keep]).abs().max().item() <= 1e-6
 
 
 class _Shapes(TorchDispatchMode):

@@ -138,6 +138,19 @@ class CausalPaddingMask(torch.Tensor):
     def __repr__(self):
         return repr(self.dense())
 
+    # What reads a tensor's memory from Python rather than through an op reads the dense mask's.
+    def tolist(self):
+        return self.dense().tolist()
+
+    def numpy(self, *, force: bool = False):
+        return self.dense().numpy(force=force)
+
+    def data_ptr(self) -> int:
+        return self.dense().data_ptr()
+
+    def untyped_storage(self):
+        return self.dense().untyped_storage()
+
     def __deepcopy__(self, memo):
         if self.compact() is None:
             return self.dense().__deepcopy__(memo)
