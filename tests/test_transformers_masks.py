@@ -304,6 +304,24 @@ def test_padded_encoder_batch_keeps_the_masked_kernel_where_unpadding_does_not_p
     assert records[0].shape == (B, H, L, L) and records[0].backend == "sdpa"
 
 
+def test_a_write_into_the_padding_mask_is_seen_by_the_unpadded_path():
+    B, L, H, D = 2, 24, 2, 16
+    keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    keep[:, L // 2:] = False
+    mask = hf.mask_function(batch_size=B, q_length=L, kv_length=L, device=DEVICE, attention_mask=keep,
+                            mask_function=masking_utils.bidirectional_mask_function)
+    module = FakeAttention(hq=H, hkv=H, is_causal=False)
+    q, k, v = qkv(B=B, Hq=H, Hkv=H, L=L, S=L, D=D, dtype=torch.float16)
+    hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    mask[1, 0, 0, L - 1] = True  # a stride-0 view: key L - 1 of row 1 becomes visible to every query
+    with hf.record_backends() as records:
+        out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert records[0].shape[0] == 1  # still unpadded (gathered now: the valid keys are no prefix)
+    ref, _ = reference_attention(q, k, v, scale=0.3, mask=mask.contiguous())
+    lowp, _ = reference_attention(q, k, v, scale=0.3, mask=mask.contiguous(), compute_dtype=None)
+    assert_close_by_rule(out, ref.transpose(1, 2), lowp.transpose(1, 2))
+
+
 def test_tiny_bert_runs_unpadded_with_the_masked_result():
     """A tiny BERT in fp16, right-padded as tokenizers pad: every layer runs unpadded, and every
     position's output (padded ones too) is the masked path's."""

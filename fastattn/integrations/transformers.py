@@ -339,7 +339,7 @@ UNPADDED_MIN_PADDING = 0.25
 # carries that padding, and once read, its varlen form: every layer gets the same mask object,
 # so the key lengths and the gather index are worked out once per forward.
 _KEY_PADDING = "_fastattn_key_padding"
-_UNPADDED = "_fastattn_unpadded"  # (padding fraction, cu_seqlens_q, cu_seqlens_k, seqused_k, key index)
+_UNPADDED = "_fastattn_unpadded"  # (padding's version, (fraction, cu_seqlens_q, cu_seqlens_k, seqused_k, key index))
 
 
 def _key_layout(mask: torch.Tensor):
@@ -348,10 +348,11 @@ def _key_layout(mask: torch.Tensor):
     Queries: every row of every batch (padded query rows attend to their batch's keys, as in the
     masked computation). Keys: right padding (each row's valid keys a prefix, as tokenizers pad)
     keeps K/V where they are, each sequence using its first ``seqused_k`` keys; any other padding
-    gathers the valid keys (``key index`` into the (B * S) rows)."""
+    gathers the valid keys (``key index`` into the (B * S) rows). Worked out afresh after a write
+    into the mask (the padding's version counter, which the mask view shares, tells)."""
+    padding = getattr(mask, _KEY_PADDING)
     found = getattr(mask, _UNPADDED, None)
-    if found is None:
-        padding = getattr(mask, _KEY_PADDING)
+    if found is None or found[0] != padding._version:
         B, S = padding.shape
         L = mask.shape[2]
         lengths = padding.sum(-1, dtype=torch.int32)
@@ -363,9 +364,9 @@ def _key_layout(mask: torch.Tensor):
         else:
             cu_k = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
             seqused, index = None, padding.reshape(-1).nonzero().squeeze(1)
-        found = (1.0 - valid / (B * S), steps * L, cu_k, seqused, index)
+        found = (padding._version, (1.0 - valid / (B * S), steps * L, cu_k, seqused, index))
         setattr(mask, _UNPADDED, found)
-    return found
+    return found[1]
 
 
 def _unpadded_keys(query, key, value, mask, dropout, kwargs, dtype):
