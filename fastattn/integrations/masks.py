@@ -54,6 +54,7 @@ class CausalPaddingMask(torch.Tensor):
                                                    device=padding.device)
         mask._values = _Values(padding, diag) if values is None else values
         mask._compact = (padding[:, None, None, :], diag)
+        mask._sizes = (B, q_length, S)  # read on every attention call: cheaper than .shape on a subclass
         mask._start_version = mask._version
         return mask
 
@@ -68,8 +69,11 @@ class CausalPaddingMask(torch.Tensor):
     def diag(self) -> int:
         return self._values.diag
 
-    def compact(self) -> Optional[tuple[torch.Tensor, int]]:
-        """((B, 1, 1, S) padding, diag), or None once the mask's values were written."""
+    def compact(self, sizes: Optional[tuple[int, int, int]] = None) -> Optional[tuple[torch.Tensor, int]]:
+        """((B, 1, 1, S) padding, diag), or None once the mask's values were written (or when
+        ``sizes``, (B, L, S), are not this mask's)."""
+        if sizes is not None and sizes != self._sizes:
+            return None
         values = self._values
         if values.written:
             return None

@@ -702,9 +702,7 @@ def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int
     sizes whose values were not written, else None (diagonal >= 0: the mask function makes no other)."""
     if type(mask) is not CausalPaddingMask or torch.compiler.is_compiling():
         return None
-    if mask.shape[0] != B or mask.shape[2] != L or mask.shape[3] != S:
-        return None
-    return mask.compact()
+    return mask.compact((B, L, S))
 
 
 def _plain_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
