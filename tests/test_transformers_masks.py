@@ -126,6 +126,26 @@ def test_writes_are_seen_and_end_the_compact_form():
         assert torch.equal(out, ref)
 
 
+def test_inference_mode():
+    """Inference tensors have no version counters: a view handed out or a write ends the compact
+    form (reads do not), and what was written is what attention reads."""
+    module = FakeAttention()
+    q, k, v = qkv(L=7, S=7)
+    with torch.inference_mode():
+        mask = _mask()
+        expected = mask.dense().clone()
+        mask = _mask()
+        assert type(mask[:, :, :, :7]) is CausalPaddingMask and torch.equal(mask, expected)
+        assert mask.compact() is not None
+        out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+        assert torch.equal(out, hf.attention_forward(module, q, k, v, expected, scaling=0.3)[0])
+        mask[:, :, 2].fill_(True)
+        expected[:, :, 2] = True
+        assert mask.compact() is None and torch.equal(mask, expected)
+        out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+        assert torch.equal(out, hf.attention_forward(module, q, k, v, expected, scaling=0.3)[0])
+
+
 def test_copies_pickles_and_prints_as_its_values():
     mask = _mask(q_offset=0)
     ref = mask.dense().clone()

@@ -24,7 +24,24 @@ class _Values:
 
     def __init__(self, padding: torch.Tensor, diag: int, dense: Optional[torch.Tensor] = None, written: bool = False):
         self.padding, self.diag, self.dense, self.written = padding, diag, dense, written
-        self.dense_version = None if dense is None else dense._version
+        self.dense_version = None if dense is None else _version_of(dense)
+
+
+def _version_of(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter; None for an inference tensor (torch.inference_mode), which has none."""
+    return None if t.is_inference() else t._version
+
+
+_aliasing: dict = {}  # op -> whether it may return a view of, or write into, a tensor argument
+
+
+def _aliases(func) -> bool:
+    found = _aliasing.get(func)
+    if found is None:
+        schema = func._schema
+        found = _aliasing[func] = (any(r.alias_info is not None for r in schema.returns)
+                                   or any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments))
+    return found
 
 
 _aten = torch.ops.aten
@@ -41,7 +58,9 @@ class CausalPaddingMask(torch.Tensor):
     and a move to another device stay masks of this type. :meth:`compact` gives fastattn the
     ``((B, 1, 1, S) padding, diag)`` form only while nothing was written: writes through the
     mask or its views move the mask's version counter (shared with its views), writes into the
-    tensor :meth:`dense` returned move that one's.
+    tensor :meth:`dense` returned move that one's. Inference tensors (made under
+    ``torch.inference_mode``) have no version counters: there any op that may write the mask or
+    return a view of it ends the compact form, and so does :meth:`dense`.
     """
 
     # Ops return plain tensors: only the mask function (and the views below) make this type.
@@ -55,7 +74,7 @@ class CausalPaddingMask(torch.Tensor):
         mask._values = _Values(padding, diag) if values is None else values
         mask._compact = (padding[:, None, None, :], diag)
         mask._sizes = (B, q_length, S)  # read on every attention call: cheaper than .shape on a subclass
-        mask._start_version = mask._version
+        mask._start_version = _version_of(mask)
         return mask
 
     def __init__(self, *args, **kwargs):
@@ -77,20 +96,26 @@ class CausalPaddingMask(torch.Tensor):
         values = self._values
         if values.written:
             return None
-        if self._version != self._start_version or (values.dense is not None
-                                                     and values.dense._version != values.dense_version):
+        if ((self._start_version is not None and self._version != self._start_version)
+                or (values.dense_version is not None and values.dense._version != values.dense_version)):
             values.written = True
             return None
         return self._compact
 
     def dense(self) -> torch.Tensor:
         """The (B, 1, L, S) bool tensor ``sdpa_mask`` builds (contiguous), made on first use."""
+        dense = self._materialize()
+        if self._values.dense_version is None or self._start_version is None:
+            self._values.written = True  # writes into it would go unseen (inference tensors)
+        return dense
+
+    def _materialize(self) -> torch.Tensor:
         values = self._values
         if values.dense is None:
-            L, S = self.shape[2], self.shape[3]
+            L, S = self._sizes[1], self._sizes[2]
             causal = torch.ones(L, S, dtype=torch.bool, device=values.padding.device).tril_(values.diag)
             values.dense = causal & values.padding[:, None, None, :]
-            values.dense_version = values.dense._version
+            values.dense_version = _version_of(values.dense)
         return values.dense
 
     def _same_values(self) -> "CausalPaddingMask":
@@ -109,11 +134,14 @@ class CausalPaddingMask(torch.Tensor):
             if func is _aten._to_copy.default and _only_a_move(mask, kwargs):
                 return CausalPaddingMask(mask.padding.to(kwargs["device"]), mask.diag, mask.shape[2])
         wrapper_of = {}  # id(dense) -> its mask: an op returning a mask it wrote returns that mask
+        untracked = _aliases(func)  # and inference tensors: such an op ends the compact form
 
         def unwrap(x):
             if isinstance(x, CausalPaddingMask):
-                dense = x.dense()
+                dense = x._materialize()
                 wrapper_of[id(dense)] = x
+                if untracked and (x._start_version is None or x._values.dense_version is None):
+                    x._values.written = True
                 return dense
             return x
 
