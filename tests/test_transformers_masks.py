@@ -44,16 +44,24 @@ CASES = [  # (L, S, q_offset, kv_offset)
 ]
 
 
+def _factory(window):
+    if window is None:
+        return dict(mask_function=masking_utils.causal_mask_function)
+    return dict(mask_function=masking_utils.sliding_window_causal_mask_function(window), local_size=window)
+
+
+@pytest.mark.parametrize("window", [None, 3, 6])  # sliding_window: a diagonal (q_offset - kv_offset) up to W - 1
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("L, S, q_offset, kv_offset", CASES)
-def test_values_are_sdpa_masks(L, S, q_offset, kv_offset, B, side):
+def test_values_are_sdpa_masks(L, S, q_offset, kv_offset, B, side, window):
     pad = _padding(B, min(kv_offset + S, q_offset + L), side)
     for skip in (True, False):
         args = dict(batch_size=B, q_length=L, kv_length=S, q_offset=q_offset, kv_offset=kv_offset,
-                    attention_mask=pad, allow_is_causal_skip=skip, device=DEVICE)
+                    attention_mask=pad, allow_is_causal_skip=skip, device=DEVICE, **_factory(window))
         ours, ref = hf.mask_function(**args), masking_utils.sdpa_mask(**args)
-        assert type(ours) is CausalPaddingMask
+        compact = window is None or q_offset - kv_offset <= window - 1
+        assert type(ours) is (CausalPaddingMask if compact else torch.Tensor)
         assert ours.shape == ref.shape and ours.dtype == ref.dtype == torch.bool and ours.device == ref.device
         assert torch.equal(ours, ref)
         # what other readers of the mask do with it
@@ -77,6 +85,33 @@ def test_every_kind_of_reader_sees_the_values():
     for read in readers:
         assert read(mask) == read(ref)
     assert mask.compact() is not None  # reading is not writing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("L, S, q_offset, kv_offset", [(11, 11, 0, 0), (5, 13, 8, 0), (4, 9, 7, 3)])
+def test_attention_on_the_compact_form_gives_the_full_masks_result(L, S, q_offset, kv_offset, window, dtype):
+    """The kernel (fp16) or the fallback (fp32) on padding + diagonal (+ window): the result of the
+    same mask in full, every row (rows that see no key: zeros in both)."""
+    if window is not None and q_offset - kv_offset > window - 1:
+        window = q_offset - kv_offset + 1
+    pad = _padding(2, kv_offset + S, "left")
+    mask = hf.mask_function(batch_size=2, q_length=L, kv_length=S, q_offset=q_offset, kv_offset=kv_offset,
+                            attention_mask=pad, device=DEVICE, **_factory(window))
+    assert type(mask) is CausalPaddingMask
+    full = mask.dense().clone()
+    mask = hf.mask_function(batch_size=2, q_length=L, kv_length=S, q_offset=q_offset, kv_offset=kv_offset,
+                            attention_mask=pad, device=DEVICE, **_factory(window))
+    q, k, v = qkv(L=L, S=S, D=16, dtype=dtype)
+    module = FakeAttention()
+    call = hf._build_call(module, q, k, v, mask, 0.0, 0.3, {})
+    assert call.mask.shape == (2, 1, 1, S)
+    with fastattn.use_backend("auto" if dtype == torch.float32 else "triton"):
+        out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert mask.compact() is not None  # it ran as padding + positions, nothing materialized
+    ref, _ = reference_attention(q, k, v, scale=0.3, mask=full)
+    lowp, _ = reference_attention(q, k, v, scale=0.3, mask=full, compute_dtype=None)
+    assert_close_by_rule(out, ref.transpose(1, 2), lowp.transpose(1, 2))
 
 
 def test_none_where_sdpa_mask_gives_none():
@@ -222,11 +257,14 @@ def test_the_fast_path_builds_nothing_of_size_l_by_s(L, S, q_offset):
     assert (out[keep].double() - ref[keep].double()).abs().max().item() <= 2e-3
 
 
-def test_tiny_llama_left_padding_same_logits_as_sdpa():
-    """fp32 CPU: the same logits with fastattn as with sdpa, and every layer gets the compact mask."""
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      max_position_embeddings=64, pad_token_id=0)
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_tiny_llama_left_padding_same_logits_as_sdpa(arch):
+    """fp32 CPU: the same logits with fastattn as with sdpa, and every layer gets the compact mask
+    (Mistral: its sliding window, 4, shorter than the batch)."""
+    extra = dict(sliding_window=4) if arch == "mistral" else {}
+    config = getattr(transformers, "LlamaConfig" if arch == "llama" else "MistralConfig")(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, **extra)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(DEVICE).eval()
     ids = torch.randint(1, 100, (3, 9), device=DEVICE)
     keep = torch.ones(3, 9, dtype=torch.long, device=DEVICE)

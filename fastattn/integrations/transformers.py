@@ -200,7 +200,7 @@ def _positions(module, L: int, mask, compact, kwargs) -> tuple[bool, tuple[int, 
     causal = bool(is_causal) and L > 1 and mask is None
     # top-left: key j visible when j <= i + diag (a diag past the last key, as in every decode
     # step, bounds nothing: AttentionCall.key_bounds drops it)
-    window = (-1, compact[1]) if compact is not None else (-1, -1)
+    window = (compact[2], compact[1]) if compact is not None else (-1, -1)
     sliding_window = kwargs.get("sliding_window")
     if causal and sliding_window is not None and sliding_window > 0:
         # Transformers' window includes the current token: kv_idx > q_idx - W, i.e. W - 1 keys to the left.
@@ -556,19 +556,27 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
             return None
         padding = padding[:, None, None, :]
         return padding if padding.shape[0] == batch_size else padding.expand(batch_size, 1, 1, kv_length)
-    if (plain and q_length > 1 and offsets_known and factory is masking_utils.causal_mask_function
-            and attention_mask.dtype == torch.bool and attention_mask.shape[0] == batch_size and q_offset >= kv_offset):
+    # Causal or sliding-window causal ((W - 1, 0)), with padding, prefill: no (B, 1, L, S) tensor.
+    window = _causal_window(factory, masking_utils) if q_length > 1 and offsets_known else None
+    if (window is not None and not use_vmap and attention_mask is not None and attention_mask.dim() == 2
+            and attention_mask.dtype == torch.bool and attention_mask.shape[0] == batch_size
+            and 0 <= q_offset - kv_offset <= (window[0] if window[0] >= 0 else q_offset - kv_offset)
+            and not torch.compiler.is_compiling()):
         # sdpa_mask's None cases, by its own helpers (they read the padding: one device sync, as there)
         padded = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if allow_is_causal_skip and masking_utils._ignore_causal_mask_sdpa(padded, q_length, kv_length, q_offset,
-                                                                          kv_offset, None):
+                                                                          kv_offset, local_size):
             return None
-        if allow_is_bidirectional_skip and masking_utils._ignore_bidirectional_mask_sdpa(padded, kv_length, None):
+        if allow_is_bidirectional_skip and masking_utils._ignore_bidirectional_mask_sdpa(padded, kv_length,
+                                                                                         local_size):
             return None
         # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
-        # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset).
+        # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset); a sliding window of
+        # W also needs kv_offset + j > q_offset + i - W, i.e. j >= i + (q_offset - kv_offset) - (W - 1).
+        # (A diagonal past the window's width, W - 1, would need a left bound the kernel has no
+        # spelling for: that mask is built in full below.)
         padding = _padding_row(attention_mask, kv_offset, kv_length, device)
-        return CausalPaddingMask(padding, int(q_offset) - int(kv_offset), q_length)
+        return CausalPaddingMask(padding, int(q_offset) - int(kv_offset), q_length, window[0])
     mask = masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                                    kv_offset=kv_offset, mask_function=factory, attention_mask=attention_mask,
                                    local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
