@@ -393,10 +393,10 @@ def test_tiny_bert_runs_unpadded_with_the_masked_result():
     ids = ids.masked_fill(keep == 0, 0)
     with torch.no_grad(), hf.record_backends() as records:
         got = model(input_ids=ids, attention_mask=keep).last_hidden_state
-    assert [(r.backend, r.shape[0]) for r in records] == [("triton", 1)] * 2  # varlen: one row of sequences
+    assert [(r.backend != "sdpa", r.shape[0]) for r in records] == [(True, 1)] * 2  # varlen: one row of sequences
     with torch.no_grad(), hf.record_backends() as records, _masked_only():
         masked = model(input_ids=ids, attention_mask=keep).last_hidden_state
-    assert [(r.backend, r.shape[0]) for r in records] == [("triton", 3)] * 2
+    assert [(r.backend != "sdpa", r.shape[0]) for r in records] == [(True, 3)] * 2
     assert torch.isfinite(got).all()
     assert (got.double() - masked.double()).abs().max().item() <= 1e-2 * masked.abs().max().item()
 
@@ -421,7 +421,7 @@ def test_minilm_fp16_runs_unpadded_with_the_masked_embeddings():
     model = model.to(DEVICE).eval()
     with torch.no_grad(), hf.record_backends() as records:
         got = model(**batch).last_hidden_state
-    assert [(r.backend, r.shape[0]) for r in records] == [("triton", 1)] * model.config.num_hidden_layers
+    assert [(r.backend != "sdpa", r.shape[0]) for r in records] == [(True, 1)] * model.config.num_hidden_layers
     with torch.no_grad(), _masked_only():
         masked = model(**batch).last_hidden_state
     assert (got.double() - masked.double()).abs().max().item() <= 1e-2 * masked.abs().max().item()

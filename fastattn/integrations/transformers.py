@@ -397,8 +397,8 @@ class _Unpadded:
 
 
 def _unpadded_call(query, key, value, keys, scaling, kwargs) -> Optional[tuple[AttentionCall, _Unpadded]]:
-    """A padded batch with a key-padding mask as a varlen call, and its layout (None when the
-    Triton kernel would not run it: the masked call is then the better one). Query rows stay in
+    """A padded batch with a key-padding mask as a varlen call, and its layout (None when no
+    kernel would run it: the masked call is then the better one). Query rows stay in
     place, so the output is (B, L, Hq, Dv) as the masked call's; no compute goes to padded keys."""
     _, cu_q, cu_k, seqused_k, index = keys
     B, Hq, L, E = query.shape
@@ -412,7 +412,8 @@ def _unpadded_call(query, key, value, keys, scaling, kwargs) -> Optional[tuple[A
     call = from_varlen_args(q, k, v, cu_q, cu_k, L, S, 0.0, scaling, False, (-1, -1), kwargs.get("softcap") or 0.0,
                             seqused_k=seqused_k, sinks=None if sinks is None else sinks.to(query.device))
     plan = dispatch.plan(call, None)
-    return (call, _Unpadded(plan)) if plan.backend.name == "triton" else None
+    # A kernel reads each sequence's lengths; the exact fallback would run sequence by sequence.
+    return (call, _Unpadded(plan)) if plan.backend.name != "sdpa" else None
 
 
 def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
