@@ -243,9 +243,9 @@ else
   # the Triton backward (time of autograd.grad, peak memory) against each torch SDPA backend
   stage bwd 45 105 20 "$LOG" "$PY" "${BENCH[@]}" --grid key --mode bwd --exclude flex
   # varlen prefill against padded SDPA, paged decode as % of copy bandwidth (rows go to check.log)
-  stage varlen 30 110 15 "$LOG" "$PY" -m benchmarks.varlen
+  stage varlen 30 120 15 "$LOG" "$PY" -m benchmarks.varlen
   # padded encoder batches (MiniLM shapes): unpadded varlen vs the masked kernel at 0/25/50% padding
-  stage unpadded 20 90 10 "$LOG" "$PY" -m benchmarks.unpadded
+  stage unpadded 30 90 10 "$LOG" "$PY" -m benchmarks.unpadded
 fi
 
 # ---------------------------------------------------------------- block-size sweep
