@@ -425,3 +425,26 @@ def test_minilm_fp16_runs_unpadded_with_the_masked_embeddings():
     with torch.no_grad(), _masked_only():
         masked = model(**batch).last_hidden_state
     assert (got.double() - masked.double()).abs().max().item() <= 1e-2 * masked.abs().max().item()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_same_loss_and_gradients_as_sdpa(reentrant):
+    """Training with activation checkpointing passes the mask through torch.utils.checkpoint
+    (detach, saved inputs): the same loss and gradients as sdpa, fp32 CPU."""
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, pad_token_id=0)
+    ids = torch.randint(1, 100, (3, 9), device=DEVICE)
+    keep = torch.ones(3, 9, dtype=torch.long, device=DEVICE)
+    keep[0, :4] = 0
+    ids = ids.masked_fill(keep == 0, 0)
+    got = {}
+    for attn in ("sdpa", "fastattn"):
+        torch.manual_seed(1)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(DEVICE).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=reentrant))
+        loss = model(input_ids=ids, attention_mask=keep, labels=ids.masked_fill(keep == 0, -100)).loss
+        loss.backward()
+        got[attn] = (loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad)
+    assert (got["sdpa"][0] - got["fastattn"][0]).abs().item() <= 1e-5
+    assert (got["sdpa"][1] - got["fastattn"][1]).abs().max().item() <= 1e-5
