@@ -156,7 +156,7 @@ def test_unpadded_stage_checks_and_times_every_case_and_says_where_unpadding_win
     from benchmarks.unpadded import rows, verdict
 
     timings = iter(range(1, 1000))
-    got = list(rows([16], 2, [0.0, 0.5], torch.float16, "cpu", timer=lambda fn: (fn(), float(next(timings)))[1]))
+    got = list(rows([20], 2, [0.0, 0.5], torch.float16, "cpu", timer=lambda fn: (fn(), float(next(timings)))[1]))
     assert [(r["provider"], r["side"]) for r in got] == [(p, s) for s in ("right", "right", "left")
                                                           for p in ("unpadded", "masked", "torch_sdpa")]
     assert [r["ran_varlen"] for r in got if r["provider"] == "unpadded"] == [True, True, True]

@@ -313,7 +313,7 @@ def _key_padding(B, S, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["right", "left", "holes"])
-@pytest.mark.parametrize("B, L, S, Hq, Hkv, D", [(3, 37, 37, 2, 2, 32), (2, 5, 70, 4, 2, 16)])
+@pytest.mark.parametrize("B, L, S, Hq, Hkv, D", [(3, 37, 37, 2, 2, 32), (2, 19, 70, 4, 2, 16)])
 def test_padded_encoder_batch_runs_unpadded(B, L, S, Hq, Hkv, D, kind, dtype):
     """A bidirectional key-padding mask runs as varlen, every query row (padded ones too: they
     attend to their batch's keys, as in the masked computation) by flash-attn's rule against an
@@ -357,6 +357,11 @@ def test_padded_encoder_batch_keeps_the_masked_kernel_where_unpadding_does_not_p
         with hf.record_backends() as records:
             hf.attention_forward(module, q_, k_, v_, mask, scaling=0.3, **extra)
         assert records[0].shape == (B, H, L, L), records
+    # one query a sequence (cross-attention while generating): the masked call's cached plan
+    one = hf.mask_function(attention_mask=keep, **dict(args, q_length=1))
+    with hf.record_backends() as records:
+        hf.attention_forward(module, q[:, :, :1], k, v, one, scaling=0.3)
+    assert records[0].shape == (B, H, 1, L), records
     with hf.record_backends() as records:
         hf.attention_forward(module, q.float(), k.float(), v.float(), much, scaling=0.3)
     assert records[0].shape == (B, H, L, L) and records[0].backend == "sdpa"
@@ -412,11 +417,14 @@ class _masked_only:
 def test_minilm_fp16_runs_unpadded_with_the_masked_embeddings():
     """The packaged all-MiniLM-L6-v2 on a padded batch: every layer unpadded, the same sentence
     embeddings (and hidden states at every position) as the masked kernel's."""
-    from .test_transformers_models import SENTENCES, _minilm_path
+    from .test_transformers_models import _minilm_path
 
     path = _minilm_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    batch = tok(SENTENCES, padding=True, return_tensors="pt").to(DEVICE)
+    sentences = ["A much longer sentence than the other one, so that the batch is padded by more than half of "
+                 "its tokens, and long enough to run unpadded.", "Hi there"]
+    batch = tok(sentences, padding=True, return_tensors="pt").to(DEVICE)
+    assert batch["input_ids"].shape[1] > hf.UNPADDED_MIN_QUERIES
     model = transformers.AutoModel.from_pretrained(path, attn_implementation="fastattn", dtype=torch.float16)
     model = model.to(DEVICE).eval()
     with torch.no_grad(), hf.record_backends() as records:

@@ -334,6 +334,10 @@ def _packed_call(module, query, key, value, cu_q, cu_k, max_q, max_k, dropout, s
 # masked kernel over all keys. NOT YET MEASURED ON A GPU: a guess until the GPU check's `unpadded`
 # stage (benchmarks/unpadded.py) shows where the varlen kernel starts to win.
 UNPADDED_MIN_PADDING = 0.25
+# Calls with this many queries or fewer (a decoder's cross-attention while generating: a new mask
+# every step) keep the masked call: its cached plan costs less host time than the varlen call's
+# set-up (and one device read per mask), which would dominate so little compute.
+UNPADDED_MIN_QUERIES = 16
 
 # The bidirectional padding mask mask_function builds (a stride-0 view of the (B, S) padding)
 # carries that padding, and once read, its varlen form: every layer gets the same mask object,
@@ -372,7 +376,7 @@ def _key_layout(mask: torch.Tensor):
 def _unpadded_keys(query, key, value, mask, dropout, kwargs, dtype):
     """The mask's varlen form (see :func:`_key_layout`) when this call runs unpadded: a
     bidirectional key-padding mask of :func:`mask_function` with at least UNPADDED_MIN_PADDING of
-    the keys padded, half precision for the kernel, no dropout, no gradient (the varlen backward
+    the keys padded, more than UNPADDED_MIN_QUERIES queries, half precision for the kernel, no dropout, no gradient (the varlen backward
     is not merged yet: training keeps the masked kernel); else None."""
     if mask is None or getattr(mask, _KEY_PADDING, None) is None or torch.compiler.is_compiling():
         return None
@@ -384,6 +388,8 @@ def _unpadded_keys(query, key, value, mask, dropout, kwargs, dtype):
                                     or (isinstance(sinks, torch.Tensor) and sinks.requires_grad)):
         return None
     if mask.shape != (query.shape[0], 1, query.shape[2], key.shape[2]) or mask.shape[3] == 0:
+        return None
+    if query.shape[2] <= UNPADDED_MIN_QUERIES:
         return None
     keys = _key_layout(mask)
     return keys if keys[0] >= UNPADDED_MIN_PADDING else None
