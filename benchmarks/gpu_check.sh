@@ -20,6 +20,7 @@
 #   bench     python -m benchmarks.attention --grid key kernels (ceilings first) -> bench.csv
 #   bwd       the same key grid, backward (autograd.grad; peak memory)     -> bench.csv
 #   varlen    varlen prefill vs padded SDPA, paged decode vs copy bandwidth -> check.log
+#   unpadded  padded encoder batches: unpadded (varlen) vs masked kernel    -> check.log
 #   sweep     Triton block sizes at hd128 bf16 4k                           -> sweep.csv
 #   sweep256  the same at head dim 256, 5 configs                          -> sweep.csv
 #   splits    the CUDA op's split-KV decode against its number of splits  -> check.log
@@ -237,12 +238,15 @@ if [ "$DRY" = 1 ]; then
   stage bench 60 100 30 "$LOG" "$PY" "${BENCH[@]}" --cpu --quick --no-interpreter
   skip bwd "dry run (would run: $PY ${BENCH[*]} --grid key --mode bwd)"
   skip varlen "dry run (would run: $PY -m benchmarks.varlen)"
+  skip unpadded "dry run (would run: $PY -m benchmarks.unpadded)"
 else
   stage bench 90 125 30 "$LOG" "$PY" "${BENCH[@]}" --grid key kernels --exclude flex
   # the Triton backward (time of autograd.grad, peak memory) against each torch SDPA backend
   stage bwd 45 105 20 "$LOG" "$PY" "${BENCH[@]}" --grid key --mode bwd --exclude flex
   # varlen prefill against padded SDPA, paged decode as % of copy bandwidth (rows go to check.log)
-  stage varlen 30 90 15 "$LOG" "$PY" -m benchmarks.varlen
+  stage varlen 30 120 15 "$LOG" "$PY" -m benchmarks.varlen
+  # padded encoder batches (MiniLM shapes): unpadded varlen vs the masked kernel at 0/25/50% padding
+  stage unpadded 30 90 10 "$LOG" "$PY" -m benchmarks.unpadded
 fi
 
 # ---------------------------------------------------------------- block-size sweep

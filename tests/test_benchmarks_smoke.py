@@ -146,3 +146,21 @@ def test_model_generate_mode_writes_a_ratio_per_model_and_padding(tmp_path):
     assert [(r["attention"], r["measure"]) for r in rows] == [
         (a, f"generate step, {p} padding") for p in ("none", "left") for a in ("sdpa", "fastattn")]
     assert all(r["status"] == "ok" and r["reason"] == "" and float(r["speed_vs_sdpa"]) > 0 for r in rows), rows
+
+
+def test_unpadded_stage_checks_and_times_every_case_and_says_where_unpadding_wins():
+    """benchmarks.unpadded on the CPU (the kernel through the interpreter, a stand-in timer)."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from benchmarks.unpadded import rows, verdict
+
+    timings = iter(range(1, 1000))
+    got = list(rows([20], 2, [0.0, 0.5], torch.float16, "cpu", timer=lambda fn: (fn(), float(next(timings)))[1]))
+    assert [(r["provider"], r["side"]) for r in got] == [(p, s) for s in ("right", "right", "left")
+                                                          for p in ("unpadded", "masked", "torch_sdpa")]
+    assert [r["ran_varlen"] for r in got if r["provider"] == "unpadded"] == [True, True, True]
+    fake = [dict(provider="unpadded", side="right", padding=p, speedup=x) for p, x in
+            [(0.25, 0.9), (0.5, 1.2), (0.25, 1.1), (0.5, 1.3)]]
+    assert "from 0.50" in verdict(fake)
+    assert "lost" in verdict([dict(fake[0], padding=0.5)])

@@ -37,10 +37,12 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .. import dispatch
+from .._env import interpreting
 from ..backends.sdpa import math_attention
 from ..inputs import (HALF_DTYPES, AttentionCall, check_sdpa_args, from_varlen_args, holds_as_is, mask_dtypes,
                       sdpa_call, sdpa_signature, with_extras)
 from ..testing import MODEL_TOLERANCES
+from .masks import CausalPaddingMask
 
 __all__ = [
     "NAME",
@@ -219,7 +221,7 @@ def _positions(module, L: int, mask, compact, kwargs) -> tuple[bool, tuple[int, 
     causal = bool(is_causal) and L > 1 and mask is None
     # top-left: key j visible when j <= i + diag (a diag past the last key, as in every decode
     # step, bounds nothing: AttentionCall.key_bounds drops it)
-    window = (-1, compact[1]) if compact is not None else (-1, -1)
+    window = (compact[2], compact[1]) if compact is not None else (-1, -1)
     sliding_window = kwargs.get("sliding_window")
     if causal and sliding_window is not None and sliding_window > 0:
         # Transformers' window includes the current token: kv_idx > q_idx - W, i.e. W - 1 keys to the left.
@@ -241,6 +243,8 @@ def _build_call_and_layout(module, query, key, value, attention_mask, dropout, s
     compact = None if kwargs.get("position_bias") is not None else _compact_causal_padding(mask, query.shape[0], L, S)
     if compact is not None:  # the same visibility as the full mask; the kernel skips what causal rules out
         mask = compact[0]
+    else:
+        mask = _plain_mask(mask)
     causal, window = _positions(module, L, mask, compact, kwargs)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -263,6 +267,11 @@ def _build_call_and_layout(module, query, key, value, attention_mask, dropout, s
         if packed is not None:
             cu, longest = packed
             return _packed_call(module, query, key, value, cu, cu, longest, longest, dropout, scaling, kwargs), None
+    keys = _unpadded_keys(query, key, value, mask, dropout, kwargs, query.dtype)
+    if keys is not None:
+        planned = _unpadded_call(query, key, value, keys, scaling, kwargs)
+        if planned is not None:
+            return planned
     packed = _packed_sequences(mask, query.shape[0], L, S)
     if packed is not None and kwargs.get("position_bias") is None:  # packed position_ids: the mask's own varlen form
         cu, longest, window = packed
@@ -308,8 +317,10 @@ def _signature(module, query, key, value, attention_mask, dropout, scaling, kwar
         return None, None, False, (-1, -1)  # packed sequences, perhaps: the full path tells (and runs varlen)
     dtype = query.dtype
     target = _compute_dtype(module, query.device.type) if dtype is torch.float32 else None
+    if _unpadded_keys(query, key, value, attention_mask, dropout, kwargs, target or dtype) is not None:
+        return None, None, False, (-1, -1)  # a padded encoder batch run unpadded: the full path builds its call
     compact = None if attention_mask is None else _compact_causal_padding(attention_mask, query.shape[0], L, key.shape[2])
-    mask = attention_mask if compact is None else compact[0]
+    mask = _plain_mask(attention_mask) if compact is None else compact[0]
     if mask is not None and mask.dtype not in mask_dtypes(target or dtype):
         return None, None, False, (-1, -1)  # made float32 on the full path
     causal, window = _positions(module, L, mask, compact, kwargs)
@@ -342,6 +353,101 @@ def _packed_call(module, query, key, value, cu_q, cu_k, max_q, max_k, dropout, s
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
         L if max_q is None else max_q, S if max_k is None else max_k,  # the row's length bounds every sequence
         float(dropout or 0.0), scaling, causal, window, kwargs.get("softcap") or 0.0, sinks=kwargs.get("s_aux"))
+
+
+# --------------------------------------------------------------------------- padded encoder batches, unpadded
+
+# The padding fraction (of the keys) from which a padded batch with a bidirectional padding mask
+# (BERT-style encoders) runs as varlen, each sequence against its own keys only, instead of the
+# masked kernel over all keys. NOT YET MEASURED ON A GPU: a guess until the GPU check's `unpadded`
+# stage (benchmarks/unpadded.py) shows where the varlen kernel starts to win.
+UNPADDED_MIN_PADDING = 0.25
+# Calls with this many queries or fewer (a decoder's cross-attention while generating: a new mask
+# every step) keep the masked call: its cached plan costs less host time than the varlen call's
+# set-up (and one device read per mask), which would dominate so little compute.
+UNPADDED_MIN_QUERIES = 16
+
+# The bidirectional padding mask mask_function builds (a stride-0 view of the (B, S) padding)
+# carries that padding, and once read, its varlen form: every layer gets the same mask object,
+# so the key lengths and the gather index are worked out once per forward.
+_KEY_PADDING = "_fastattn_key_padding"
+_UNPADDED = "_fastattn_unpadded"  # (padding's version, (fraction, cu_seqlens_q, cu_seqlens_k, seqused_k, key index))
+
+
+def _key_layout(mask: torch.Tensor):
+    """(padding fraction, cu_seqlens_q, cu_seqlens_k, seqused_k, key index) of a key-padding mask,
+    worked out once per mask: one device read (two when the valid keys are not each row's prefix).
+    Queries: every row of every batch (padded query rows attend to their batch's keys, as in the
+    masked computation). Keys: right padding (each row's valid keys a prefix, as tokenizers pad)
+    keeps K/V where they are, each sequence using its first ``seqused_k`` keys; any other padding
+    gathers the valid keys (``key index`` into the (B * S) rows). Worked out afresh after a write
+    into the mask (the padding's version counter, which the mask view shares, tells)."""
+    padding = getattr(mask, _KEY_PADDING)
+    found = getattr(mask, _UNPADDED, None)
+    if found is None or found[0] != padding._version:
+        B, S = padding.shape
+        L = mask.shape[2]
+        lengths = padding.sum(-1, dtype=torch.int32)
+        prefix = (padding == (torch.arange(S, device=padding.device) < lengths[:, None])).all()
+        valid, is_prefix = torch.stack([lengths.sum(), prefix.to(lengths.dtype)]).tolist()  # one device read
+        steps = torch.arange(B + 1, dtype=torch.int32, device=padding.device)
+        if is_prefix:
+            cu_k, seqused, index = steps * S, lengths, None
+        else:
+            cu_k = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            seqused, index = None, padding.reshape(-1).nonzero().squeeze(1)
+        found = (padding._version, (1.0 - valid / (B * S), steps * L, cu_k, seqused, index))
+        setattr(mask, _UNPADDED, found)
+    return found[1]
+
+
+def _unpadded_keys(query, key, value, mask, dropout, kwargs, dtype):
+    """The mask's varlen form (see :func:`_key_layout`) when this call runs unpadded: a
+    bidirectional key-padding mask of :func:`mask_function` with at least UNPADDED_MIN_PADDING of
+    the keys padded, more than UNPADDED_MIN_QUERIES queries, half precision for the kernel, no dropout, no gradient (the varlen backward
+    is not merged yet: training keeps the masked kernel); else None."""
+    if mask is None or getattr(mask, _KEY_PADDING, None) is None or torch.compiler.is_compiling():
+        return None
+    if (dtype not in HALF_DTYPES or dropout or kwargs.get("position_bias") is not None
+            or kwargs.get("output_attentions") or (query.device.type != "cuda" and not interpreting())):
+        return None
+    sinks = kwargs.get("s_aux")
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                    or (isinstance(sinks, torch.Tensor) and sinks.requires_grad)):
+        return None
+    if mask.shape != (query.shape[0], 1, query.shape[2], key.shape[2]) or mask.shape[3] == 0:
+        return None
+    if query.shape[2] <= UNPADDED_MIN_QUERIES:
+        return None
+    keys = _key_layout(mask)
+    return keys if keys[0] >= UNPADDED_MIN_PADDING else None
+
+
+@dataclass(frozen=True)
+class _Unpadded:
+    """The layout of a padded batch run unpadded (varlen): its plan, made when it was chosen."""
+
+    plan: dispatch.Plan
+
+
+def _unpadded_call(query, key, value, keys, scaling, kwargs) -> Optional[tuple[AttentionCall, _Unpadded]]:
+    """A padded batch with a key-padding mask as a varlen call, and its layout (None when no
+    kernel would run it: the masked call is then the better one). Query rows stay in
+    place, so the output is (B, L, Hq, Dv) as the masked call's; no compute goes to padded keys."""
+    _, cu_q, cu_k, seqused_k, index = keys
+    B, Hq, L, E = query.shape
+    S = key.shape[2]
+    q = query.transpose(1, 2).reshape(B * L, Hq, E)
+    k = key.transpose(1, 2).reshape(B * S, key.shape[1], E)
+    v = value.transpose(1, 2).reshape(B * S, value.shape[1], value.shape[3])
+    if index is not None:
+        k, v = k.index_select(0, index), v.index_select(0, index)
+    sinks = kwargs.get("s_aux")
+    call = from_varlen_args(q, k, v, cu_q, cu_k, L, S, 0.0, scaling, False, (-1, -1), kwargs.get("softcap") or 0.0,
+                            seqused_k=seqused_k, sinks=None if sinks is None else sinks.to(query.device))
+    plan = dispatch.plan(call, None)
+    # A kernel reads each sequence's lengths; the exact fallback would run sequence by sequence.
+    return (call, _Unpadded(plan)) if plan.backend.name != "sdpa" else None
 
 
 def _eager_with_weights(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,13 +519,18 @@ def _attention_forward(module, query, key, value, attention_mask, dropout, scali
         out, weights = _eager_with_weights(call)
     else:
         _record(module, call)
-        if layout is None:  # a packed batch run as varlen: nothing to keep for later calls
-            signature = None
-        plan = dispatch.plan(call, signature, layout, as_is=layout is not None and holds_as_is(call, query, key,
-                                                                                              value, mask))
+        if type(layout) is _Unpadded:  # planned when it was chosen over the masked call
+            plan = layout.plan
+        else:
+            if layout is None:  # a packed batch run as varlen: nothing to keep for later calls
+                signature = None
+            plan = dispatch.plan(call, signature, layout, as_is=layout is not None and holds_as_is(call, query, key,
+                                                                                                  value, mask))
         out, _ = plan.backend.run(call)
         weights = None
     out = out.transpose(1, 2).contiguous()
+    if layout is None or type(layout) is _Unpadded:  # varlen: (1, total_q, Hq, Dv), every batch's L rows
+        out = out.view(query.shape[0], query.shape[2], *out.shape[2:])
     if out.dtype != in_dtype:
         out = out.to(in_dtype)
     return out, weights
@@ -428,12 +539,11 @@ def _attention_forward(module, query, key, value, attention_mask, dropout, scali
 # --------------------------------------------------------------------------- the mask function
 
 
-# A causal mask with padding, as Transformers builds it (B, 1, L, S), also carries what it
-# is made of: the (B, S) key padding and the diagonal. attention_forward runs that form
-# (causal in the kernel, which skips the blocks above the diagonal, and one mask row per
-# batch) when it gets this very tensor; a copy (a device_map move, a slice) is read as
-# the full mask it is.
-_CAUSAL_PADDING = "_fastattn_causal_padding"
+# A causal mask with padding (prefill, q_length > 1) is a CausalPaddingMask: (B, 1, L, S) to every
+# reader, held as the (B, S) key padding and the diagonal. attention_forward runs that form
+# (causal in the kernel, which skips the blocks above the diagonal, and one mask row per batch);
+# nothing of size L x S is built unless another reader asks for the values (a copy, a partial
+# slice, a comparison, torch's SDPA), which then get sdpa_mask's exactly.
 
 
 def _padding_row(attention_mask: torch.Tensor, kv_offset: int, kv_length: int, device) -> torch.Tensor:
@@ -456,7 +566,8 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     (None where SDPA would use ``is_causal``, else a (B, 1, L, S) bool mask), except that a
     plain bidirectional padding mask is returned as a stride-0 view of the (B, S) padding
     instead of a materialized (B, 1, L, S) tensor (same values; the kernel reads it as is),
-    and a plain causal mask with padding carries its compact form (see ``_CAUSAL_PADDING``)."""
+    and a plain causal mask with padding (q_length > 1) is a :class:`~fastattn.integrations.masks.CausalPaddingMask`,
+    the same values held as the padding and the diagonal."""
     masking_utils = _masking_utils()
     factory = masking_utils.causal_mask_function if mask_function is None else mask_function
     plain = (not use_vmap and local_size is None and attention_mask is not None and attention_mask.dim() == 2
@@ -465,7 +576,10 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         padding = _padding_row(attention_mask, kv_offset, kv_length, device)
         if allow_is_bidirectional_skip and bool(padding.all()):
             return None
-        return padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+        mask = padding[:, None, None, :].expand(batch_size, 1, q_length, kv_length)
+        if padding.shape[0] == batch_size:
+            setattr(mask, _KEY_PADDING, padding)  # its varlen form, for attention_forward
+        return mask
     offsets_known = isinstance(q_offset, numbers.Integral) and isinstance(kv_offset, numbers.Integral)  # StaticCache: tensors
     if (plain and q_length == 1 and offsets_known and factory is masking_utils.causal_mask_function
             and kv_offset + kv_length - 1 <= q_offset):
@@ -477,6 +591,27 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
             return None
         padding = padding[:, None, None, :]
         return padding if padding.shape[0] == batch_size else padding.expand(batch_size, 1, 1, kv_length)
+    # Causal or sliding-window causal ((W - 1, 0)), with padding, prefill: no (B, 1, L, S) tensor.
+    window = _causal_window(factory, masking_utils) if q_length > 1 and offsets_known else None
+    if (window is not None and not use_vmap and attention_mask is not None and attention_mask.dim() == 2
+            and attention_mask.dtype == torch.bool and attention_mask.shape[0] == batch_size
+            and 0 <= q_offset - kv_offset <= (window[0] if window[0] >= 0 else q_offset - kv_offset)
+            and not torch.compiler.is_compiling()):
+        # sdpa_mask's None cases, by its own helpers (they read the padding: one device sync, as there)
+        padded = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if allow_is_causal_skip and masking_utils._ignore_causal_mask_sdpa(padded, q_length, kv_length, q_offset,
+                                                                          kv_offset, local_size):
+            return None
+        if allow_is_bidirectional_skip and masking_utils._ignore_bidirectional_mask_sdpa(padded, kv_length,
+                                                                                         local_size):
+            return None
+        # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
+        # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset); a sliding window of
+        # W also needs kv_offset + j > q_offset + i - W, i.e. j >= i + (q_offset - kv_offset) - (W - 1).
+        # (A diagonal past the window's width, W - 1, would need a left bound the kernel has no
+        # spelling for: that mask is built in full below.)
+        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
+        return CausalPaddingMask(padding, int(q_offset) - int(kv_offset), q_length, window[0])
     mask = masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                                    kv_offset=kv_offset, mask_function=factory, attention_mask=attention_mask,
                                    local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
@@ -487,12 +622,6 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
         found = _packed_sequence_ids(factory, masking_utils)
         if found is not None and tuple(found[0].shape) == (1, q_length):  # cumulative sums: non-decreasing
             setattr(mask, _PACKED, (*_packed_boundaries(found[0].to(mask.device)), found[1]))
-    # A decode step (one query) gains nothing from the compact form: its mask is one row per sequence already.
-    if plain and q_length > 1 and offsets_known and mask is not None and factory is masking_utils.causal_mask_function:
-        # sdpa_mask's causal rule: key kv_offset + j is visible to query q_offset + i when
-        # kv_offset + j <= q_offset + i, i.e. j <= i + (q_offset - kv_offset).
-        padding = _padding_row(attention_mask, kv_offset, kv_length, device)
-        setattr(mask, _CAUSAL_PADDING, (padding[:, None, None, :], int(q_offset) - int(kv_offset)))
     return mask
 
 
@@ -612,17 +741,19 @@ def _masking_utils():
 
 
 def _compact_causal_padding(mask: Optional[torch.Tensor], B: int, L: int, S: int):
-    """(key padding (B, 1, 1, S), diagonal) when ``mask`` is one that :func:`mask_function`
-    built for these sizes, else None."""
-    if mask is None or torch.compiler.is_compiling():
+    """(key padding (B, 1, 1, S), diagonal) when ``mask`` is a :class:`CausalPaddingMask` of these
+    sizes whose values were not written, else None (diagonal >= 0: the mask function makes no other)."""
+    if type(mask) is not CausalPaddingMask or torch.compiler.is_compiling():
         return None
-    compact = getattr(mask, _CAUSAL_PADDING, None)
-    if compact is None or mask.shape[-2:] != (L, S):
-        return None
-    padding, diag = compact
-    if padding.shape != (B, 1, 1, S) or padding.device != mask.device or diag < 0:  # -1 would mean unbounded
-        return None
-    return compact
+    return mask.compact((B, L, S))
+
+
+def _plain_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``mask`` as a plain tensor: a :class:`CausalPaddingMask` not run in its compact form is read
+    as its materialized values (the kernels take a plain tensor's pointer and strides)."""
+    if type(mask) is CausalPaddingMask and not torch.compiler.is_compiling():
+        return mask.dense()
+    return mask
 
 
 # --------------------------------------------------------------------------- continuous batching
