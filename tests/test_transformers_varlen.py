@@ -163,3 +163,25 @@ def test_flattened_training_runs_the_kernel_backward(dtype, monkeypatch):
     for (name, p), a in zip(model.named_parameters(), grads_packed):
         err = (a.double() - p.grad.double()).abs().max().item()
         assert err <= atol + rtol * p.grad.abs().max().item(), f"{name}: gradient differs by {err:.3e}"
+
+
+def test_both_forms_of_the_packed_mask_function_are_recognized():
+    """Transformers 5.17 builds packed position_ids' mask function as and_masks(<causal>, packed),
+    5.2x as and_masks(remap_positions_for_packed_sequence(<causal>, position_ids), packed): both
+    give the sequence ids and the window, whichever version is installed; a user's extra mask
+    function keeps the dense mask."""
+    mu = hf._masking_utils()
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    position_ids = torch.tensor([[0, 1, 0, 1, 2, 0]])
+    packed = mu.packed_sequence_mask_function(ids)
+    forms = [lambda f: f]  # 5.17
+    if hasattr(mu, "remap_positions_for_packed_sequence"):
+        forms.append(lambda f: mu.remap_positions_for_packed_sequence(f, position_ids))
+    for form in forms:
+        for positional, window in [(mu.causal_mask_function, (-1, 0)),
+                                   (mu.sliding_window_causal_mask_function(3), (2, 0))]:
+            found = hf._packed_sequence_ids(mu.and_masks(form(positional), packed), mu)
+            assert found is not None and found[0] is ids and found[1] == window
+        custom = mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv != 1)
+        assert hf._packed_sequence_ids(mu.and_masks(form(custom), packed), mu) is None
+    assert hf._packed_sequence_ids(mu.and_masks(mu.causal_mask_function, mu.causal_mask_function), mu) is None

@@ -664,15 +664,19 @@ def _packed_sequence_ids(factory, masking_utils) -> Optional[tuple[torch.Tensor,
     """The (B, L) sequence ids and the causal window when ``factory`` is what Transformers'
     create_causal_mask / create_sliding_window_causal_mask build for packed position_ids:
     ``and_masks(remap_positions_for_packed_sequence(<causal or sliding causal>, ...),
-    packed_sequence_mask_function(ids))``; None for anything else (which keeps its mask)."""
+    packed_sequence_mask_function(ids))`` (5.24), or ``and_masks(<causal or sliding causal>,
+    packed_sequence_mask_function(ids))`` without the remapping (5.17: causality and the window
+    in absolute positions, the same as per-sequence ones within a sequence); None for anything
+    else (which keeps its mask)."""
     parts = _and_parts(factory)
     if parts is None or len(parts) != 2:
         return None
-    remapped, packed = parts
-    if (getattr(remapped, "__qualname__", "") != "remap_positions_for_packed_sequence.<locals>.inner_mask"
-            or getattr(packed, "__qualname__", "") != "packed_sequence_mask_function.<locals>.inner_mask"):
+    positional, packed = parts
+    if getattr(packed, "__qualname__", "") != "packed_sequence_mask_function.<locals>.inner_mask":
         return None
-    window = _causal_window(_closure(remapped).get("mask_function"), masking_utils)
+    if getattr(positional, "__qualname__", "") == "remap_positions_for_packed_sequence.<locals>.inner_mask":
+        positional = _closure(positional).get("mask_function")
+    window = _causal_window(positional, masking_utils)
     ids = _closure(packed).get("packed_sequence_mask")
     if window is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         return None
