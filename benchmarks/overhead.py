@@ -131,7 +131,23 @@ def transformers_cases() -> list[Case]:
     prefill = dict(batch_size=B, q_length=16, kv_length=16, attention_mask=padding[:, -16:], device=dev)
     ref_prefill, our_prefill = masking_utils.sdpa_mask(**prefill), hf.mask_function(**prefill)
     scaling = module.scaling
+    # Groups of 4 query heads (Llama-3's): Transformers packs a masked GQA decode step as fastattn
+    # does, so the two run the same torch call and the difference is host time alone.
+    config4 = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                          intermediate_size=128, num_hidden_layers=1, vocab_size=100)
+    module4 = LlamaAttention(config4, layer_idx=0).eval().to(**_ON)
+    B4, S4 = 4, 40
+    padding4 = torch.ones(B4, S4, dtype=torch.bool, device=dev)
+    for row, n in enumerate((0, 5, 13, 21)):
+        padding4[row, :n] = False
+    decode4 = dict(batch_size=B4, q_length=1, kv_length=S4, q_offset=S4 - 1, kv_offset=0, attention_mask=padding4,
+                   device=dev)
+    ref4, our4 = masking_utils.sdpa_mask(**decode4), hf.mask_function(**decode4)
+    q4, k4, v4 = _qkv(B4, 8, 2, 1, S4, 32)
     return [
+        Case("transformers: decode, GQA 8/2, key-padding mask", "sdpa_attention_forward",
+             lambda: sdpa_attention_forward(module4, q4, k4, v4, ref4, dropout=0.0, scaling=module4.scaling),
+             lambda: hf.attention_forward(module4, q4, k4, v4, our4, dropout=0.0, scaling=module4.scaling), 5.0),
         Case("transformers: decode, GQA, key-padding mask", "sdpa_attention_forward",
              lambda: sdpa_attention_forward(module, q, k, v, ref_mask, dropout=0.0, scaling=scaling),
              lambda: hf.attention_forward(module, q, k, v, our_mask, dropout=0.0, scaling=scaling), 5.0),

@@ -10,6 +10,7 @@ backend sees the call.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ class InvalidInputError(ValueError, RuntimeError):
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)  # a handful of dtypes; the Transformers fast path asks every call
 def mask_dtypes(query_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     """The attn_mask dtypes a call takes: bool (True = attend), or additive in the query's
     dtype or float32."""

@@ -469,17 +469,23 @@ def test_decode_mask_is_sdpa_masks(padded, skip, batch):
 
 
 @pytest.mark.parametrize("mask_shape", [(2, 1, 1), (1, 1, 1), (2, 4, 1)], ids=["per-batch", "shared", "per-head"])
-def test_packed_gqa_decode_with_a_mask_gives_the_reference(mask_shape):
+@pytest.mark.parametrize("heads, keys, packs", [
+    ((4, 2), fastattn.backends.sdpa.PACK_MIN_KEYS + 3, True),
+    ((8, 2), 19, True),  # a group of 4 packs with few keys too
+    ((4, 2), 19, False),
+], ids=["many-keys", "group-of-4", "group-of-2"])
+def test_packed_gqa_decode_with_a_mask_gives_the_reference(mask_shape, heads, keys, packs):
     """A GQA decode step with a key-padding mask runs as packed query rows per key/value head
-    (as Transformers does); a mask that differs per head is not packed. Both give the reference."""
-    S = fastattn.backends.sdpa.PACK_MIN_KEYS + 3
-    q = torch.randn(2, 4, 1, 16, device=DEVICE)
-    k, v = torch.randn(2, 2, S, 16, device=DEVICE), torch.randn(2, 2, S, 16, device=DEVICE)
-    mask = torch.rand(mask_shape + (S,), device=DEVICE) > 0.4
+    (as Transformers does) where that measured faster; a mask that differs per head is not
+    packed. Each way gives the reference."""
+    (Hq, Hkv), S = heads, keys
+    q = torch.randn(2, Hq, 1, 16, device=DEVICE)
+    k, v = torch.randn(2, Hkv, S, 16, device=DEVICE), torch.randn(2, Hkv, S, 16, device=DEVICE)
+    mask = torch.rand(mask_shape[:1] + (Hq if mask_shape[1] > 1 else 1,) + mask_shape[2:] + (S,), device=DEVICE) > 0.4
     mask[..., -1] = True
     call, _ = from_sdpa_args(q, k, v, mask, enable_gqa=True)
     runner = fastattn.backends.sdpa.SDPABackend().as_is_runner(call)
-    assert runner is not None and (runner.__name__ == "run_packed") == (mask_shape[1] == 1)
+    assert runner is not None and (runner.__name__ == "run_packed") == (packs and mask_shape[1] == 1)
     with fastattn.use_backend("sdpa"):
         outs = [fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) for _ in range(2)]
     ref, _ = reference_attention(q, k, v, mask=mask)

@@ -149,6 +149,12 @@ def _as_dtype(value) -> Optional[torch.dtype]:
     return None
 
 
+def _device_type(t: torch.Tensor) -> str:
+    """``t.device.type``, without making a device object for the two usual ones (a quarter of a
+    microsecond a call)."""
+    return "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+
+
 def _compute_dtype(module, device_type: str) -> Optional[torch.dtype]:
     """The half-precision dtype fp32 activations should run in, or None to keep fp32.
 
@@ -309,22 +315,23 @@ def _signature(module, query, key, value, attention_mask, dropout, scaling, kwar
             or type(dropout) is not float or (softcap is not None and type(softcap) is not float)
             or (sliding_window is not None and type(sliding_window) is not int)
             or (sinks is not None and type(sinks) not in (torch.Tensor, torch.nn.Parameter))
-            or type(query) is not torch.Tensor):
+            or type(query) is not torch.Tensor or type(key) is not torch.Tensor or query.dim() != 4 or key.dim() != 4):
         return None, None, False, (-1, -1)
-    L = query.shape[2]
+    B, Hq, L, _ = query.shape  # (each .shape makes a new torch.Size: read once)
     if (getattr(attention_mask, _PACKED, None) is not None
-            or (attention_mask is None and query.shape[0] == 1 and L > 1 and get("position_ids") is not None)):
+            or (attention_mask is None and B == 1 and L > 1 and get("position_ids") is not None)):
         return None, None, False, (-1, -1)  # packed sequences, perhaps: the full path tells (and runs varlen)
     dtype = query.dtype
-    target = _compute_dtype(module, query.device.type) if dtype is torch.float32 else None
+    target = _compute_dtype(module, _device_type(query)) if dtype is torch.float32 else None
     if _unpadded_keys(query, key, value, attention_mask, dropout, kwargs, target or dtype) is not None:
         return None, None, False, (-1, -1)  # a padded encoder batch run unpadded: the full path builds its call
-    compact = None if attention_mask is None else _compact_causal_padding(attention_mask, query.shape[0], L, key.shape[2])
+    _, Hkv, S, _ = key.shape
+    compact = None if attention_mask is None else _compact_causal_padding(attention_mask, B, L, S)
     mask = _plain_mask(attention_mask) if compact is None else compact[0]
     if mask is not None and mask.dtype not in mask_dtypes(target or dtype):
         return None, None, False, (-1, -1)  # made float32 on the full path
     causal, window = _positions(module, L, mask, compact, kwargs)
-    tensors = sdpa_signature(query, key, value, mask, dropout, False, scaling, query.shape[1] != key.shape[1])
+    tensors = sdpa_signature(query, key, value, mask, dropout, False, scaling, Hq != Hkv)
     if tensors is None:
         return None, None, False, (-1, -1)
     extras = (softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device,
