@@ -31,17 +31,23 @@ def dout_like(out):
     return torch.randn(out.shape[::-1], device=out.device, dtype=out.dtype).permute(*range(out.dim() - 1, -1, -1))
 
 
-def backward_ran_on_triton(out) -> bool:
+def autograd_graph_has(out, op_name: str) -> bool:
+    """The output's autograd graph holds a node of the custom op ``op_name`` (e.g.
+    "fastattn_triton_fwd", whose registered backward is the kernel's)."""
     seen, stack = set(), [out.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if "fastattn_triton_fwd" in type(node).__name__:
+        if op_name in type(node).__name__:
             return True
         stack.extend(fn for fn, _ in node.next_functions)
     return False
+
+
+def backward_ran_on_triton(out) -> bool:
+    return autograd_graph_has(out, "fastattn_triton_fwd")
 
 
 def check_grads(run, reference, tensors, *, backend="triton", names=("q", "k", "v", "sinks")):

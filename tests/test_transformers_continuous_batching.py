@@ -91,16 +91,10 @@ def teacher_forced_logprobs(model, impl, prompt, tokens):
     return logits.log_softmax(-1).gather(1, torch.tensor(tokens, device=DEVICE)[:, None])[:, 0].cpu(), logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt_oss"])
-def test_generate_batch_fp32_same_tokens(arch):
-    """llama: GQA (4 query heads, 2 KV heads); mistral: a sliding window (4) shorter than the
-    prompts; gemma2: sliding and full layers with softcap; gpt_oss: sinks and sliding layers."""
-    new_tokens = 6
-    model = peaked(make_model(arch, torch.float32, attn="fastattn"))
-    batch = prompts()
-    got, records = generate_batch(model, batch, new_tokens)
-    assert model.config._attn_implementation == hf.NAME  # put back after the run
-    check_records(model, records, new_tokens, backend="sdpa")  # fp32: fastattn's exact fallback runs varlen
+def assert_transformers_tokens(model, arch, batch, new_tokens, got):
+    """fp32: ``got`` (from fastattn's continuous batching) holds the tokens of ``model.generate``
+    and of Transformers' own continuous batching on the reference attention, and the
+    log-probabilities one forward of each whole sequence gives."""
     impl = reference_impl(arch)
     ref = generate_each(model, impl, batch, new_tokens)
     hf.set_attn_implementation(model, impl)
@@ -111,6 +105,19 @@ def test_generate_batch_fp32_same_tokens(arch):
         assert tokens == ref_batched[i][0], f"{arch} prompt {i}: {tokens} vs {impl} batched {ref_batched[i][0]}"
         forced, _ = teacher_forced_logprobs(model, impl, prompt, tokens)
         assert (logprobs - forced).abs().max().item() <= 1e-4, (logprobs, forced)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt_oss"])
+def test_generate_batch_fp32_same_tokens(arch):
+    """llama: GQA (4 query heads, 2 KV heads); mistral: a sliding window (4) shorter than the
+    prompts; gemma2: sliding and full layers with softcap; gpt_oss: sinks and sliding layers."""
+    new_tokens = 6
+    model = peaked(make_model(arch, torch.float32, attn="fastattn"))
+    batch = prompts()
+    got, records = generate_batch(model, batch, new_tokens)
+    assert model.config._attn_implementation == hf.NAME  # put back after the run
+    check_records(model, records, new_tokens, backend="sdpa")  # fp32: fastattn's exact fallback runs varlen
+    assert_transformers_tokens(model, arch, batch, new_tokens, got)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -144,16 +151,7 @@ def test_generate_batch_chunked_prefill(arch):
     # one sequence's first chunk alone (as many keys as queries) is a plain causal call
     assert all(r.layout == "varlen" or r.shape[2] == r.shape[3] for r in records), [(r.layout, r.shape)
                                                                                 for r in records]
-    impl = reference_impl(arch)
-    ref = generate_each(model, impl, batch, new_tokens)
-    hf.set_attn_implementation(model, impl)
-    ref_batched, _ = generate_batch(model, batch, new_tokens)  # Transformers' own continuous batching
-    for i, prompt in enumerate(batch):
-        tokens, logprobs = got[i]
-        assert tokens == ref[i][0], f"{arch} prompt {i}: {tokens} vs {impl} {ref[i][0]}"
-        assert tokens == ref_batched[i][0], f"{arch} prompt {i}: {tokens} vs {impl} batched {ref_batched[i][0]}"
-        forced, _ = teacher_forced_logprobs(model, impl, prompt, tokens)
-        assert (logprobs - forced).abs().max().item() <= 1e-4, (logprobs, forced)
+    assert_transformers_tokens(model, arch, batch, new_tokens, got)
 
 
 def test_patched_sdpa_runs_through_fastattn():

@@ -93,6 +93,18 @@ def test_a_plain_row_keeps_its_dense_path(monkeypatch):
     assert calls == []
 
 
+def padded_loss_on_sdpa(model, seqs):
+    """The loss of ``seqs`` as one right-padded batch on Transformers' sdpa (the reference)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)], mask[row, :len(s)] = s, 1
+    labels = ids.masked_fill(mask == 0, -100)
+    hf.set_attn_implementation(model, "sdpa")
+    return model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE)).loss
+
+
 def test_flattened_training_loss_matches_the_padded_batch():
     """DataCollatorWithFlattening (packed, no padding) gives the padded batch's loss and gradients."""
     model = make_model("llama", torch.float32)
@@ -105,14 +117,7 @@ def test_flattened_training_loss_matches_the_padded_batch():
     grads_packed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, :len(s)], mask[row, :len(s)] = s, 1
-    labels = ids.masked_fill(mask == 0, -100)
-    hf.set_attn_implementation(model, "sdpa")
-    loss_padded = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE)).loss
+    loss_padded = padded_loss_on_sdpa(model, seqs)
     loss_padded.backward()
     torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=1e-5)
     for a, p in zip(grads_packed, model.parameters()):
@@ -149,14 +154,7 @@ def test_flattened_training_runs_the_kernel_backward(dtype, monkeypatch):
     grads_packed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, :len(s)], mask[row, :len(s)] = s, 1
-    labels = ids.masked_fill(mask == 0, -100)
-    hf.set_attn_implementation(model, "sdpa")
-    loss_padded = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE)).loss
+    loss_padded = padded_loss_on_sdpa(model, seqs)
     loss_padded.backward()
     assert abs(loss_packed.item() - loss_padded.item()) <= LOSS_RTOL[dtype] * abs(loss_padded.item())
     atol, rtol = TOL[dtype]

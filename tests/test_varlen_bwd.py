@@ -17,7 +17,7 @@ from fastattn.kernels.triton.flash_fwd import Sequences, flash_attn_forward
 from fastattn.testing import GRADIENT_FACTOR, assert_close_by_rule, reference_attention
 
 from .conftest import DEVICE
-from .test_backward import dout_like, leaves
+from .test_backward import autograd_graph_has, dout_like, leaves
 from .test_compile import _recording_aot_backend
 
 DTYPES = [torch.float16, torch.bfloat16]
@@ -45,16 +45,7 @@ def packed_reference(q, k, v, lens_q, lens_k, *, compute_dtype, alibi_slopes=Non
 
 def ran_on_the_varlen_kernel(out) -> bool:
     """The output's autograd graph holds the varlen op's node (its registered backward is the kernel's)."""
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "fastattn_triton_varlen_fwd" in type(node).__name__:
-            return True
-        stack.extend(fn for fn, _ in node.next_functions)
-    return False
+    return autograd_graph_has(out, "fastattn_triton_varlen_fwd")
 
 
 def backward(out, lse, dout, dlse):
