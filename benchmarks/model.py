@@ -329,23 +329,28 @@ def generate_main(args, device, info) -> int:
                     mask[row, :n] = 0
             # sdpa, fastattn, sdpa, fastattn, ...: drift hits both alike. Each step's time is its
             # fastest over the runs (a shared machine only ever adds time), averaged over the steps.
+            # --control: "fastattn"'s turns run sdpa too, so the ratio shows the harness's own spread.
+            run_as = {"sdpa": "sdpa", "fastattn": "sdpa" if args.control else "fastattn"}
             steps_ms: dict[str, list[list[float]]] = {"sdpa": [], "fastattn": []}
             tokens = {}
             for run in range(args.repeats + 1):
                 for impl in ("sdpa", "fastattn") if run % 2 else ("fastattn", "sdpa"):  # neither always first
-                    t, tokens[impl] = generate_steps_ms(model, impl, ids.masked_fill(mask == 0, 0), mask, steps)
+                    t, tokens[impl] = generate_steps_ms(model, run_as[impl], ids.masked_fill(mask == 0, 0), mask,
+                                                        steps)
                     steps_ms[impl].append(t)
             ms = {impl: statistics.mean(min(step) for step in zip(*runs[1:]))  # the first run warms up
                   for impl, runs in steps_ms.items()}
             same = torch.equal(tokens["sdpa"], tokens["fastattn"])
             for impl in ("sdpa", "fastattn"):
-                rows.append(dict(info, model=name, layers=shape.layers, dtype=str(dtype).split(".")[-1], attention=impl,
+                label = "sdpa (control)" if args.control and impl == "fastattn" else impl
+                rows.append(dict(info, model=name, layers=shape.layers, dtype=str(dtype).split(".")[-1], attention=label,
                                  measure=f"generate step, {padding} padding", batch=batch, seqlen=prompt,
                                  context=prompt + steps, status="ok", reason="" if same else "tokens differ",
                                  p50_ms=ms[impl], tokens_per_s=batch / (ms[impl] * 1e-3),
                                  speed_vs_sdpa=ms["sdpa"] / ms[impl]))
-            print(f"{name:18} {padding:5} padding: sdpa {ms['sdpa']:8.2f} ms/step  fastattn {ms['fastattn']:8.2f} "
-                  f"ms/step  fastattn/sdpa {ms['fastattn'] / ms['sdpa']:.3f}x  same tokens: {same}", flush=True)
+            other = "sdpa again" if args.control else "fastattn"
+            print(f"{name:18} {padding:5} padding: sdpa {ms['sdpa']:8.2f} ms/step  {other} {ms['fastattn']:8.2f} "
+                  f"ms/step  {other}/sdpa {ms['fastattn'] / ms['sdpa']:.3f}x  same tokens: {same}", flush=True)
             append_rows(args.csv, rows[-2:], COLUMNS)
         del model
     print(f"csv: {args.csv}")
@@ -380,6 +385,8 @@ def main(argv=None) -> int:
     parser.add_argument("--generate-steps", type=int, default=16, help="new tokens per generate run (default 16)")
     parser.add_argument("--generate-models", nargs="*", choices=list(GENERATE_MODELS), help="only these models")
     parser.add_argument("--repeats", type=int, default=5, help="--generate: timed runs per attention (default 5)")
+    parser.add_argument("--control", action="store_true",
+                        help="--generate: sdpa against sdpa, in fastattn's turns too (the harness's own spread)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "out" / "model.csv")
     parser.add_argument("--run-timestamp", help="label the rows with this run timestamp (to join runs of one check)")
