@@ -350,9 +350,7 @@ def cached_plan(signature: Optional[tuple]) -> Optional[Plan]:
     """The plan made for an earlier call with this signature in the present state, or None."""
     if signature is None:
         return None
-    # _key(signature), spelled out: this runs once per call, and a call costs a tenth of a microsecond
-    plan = _plans.get((signature, _forced_get(), decision_environment(), _flash_sdp(), _efficient_sdp(), _math_sdp(),
-                       _cudnn_sdp()))
+    plan = _plans.get(_key(signature))
     if plan is not None and plan.relies_on:
         for backend, available in plan.relies_on:
             if backend.availability() != available:

@@ -259,10 +259,7 @@ def _build_call_and_layout(module, query, key, value, attention_mask, dropout, s
         # One sequence with more keys than queries too (continuous batching: a chunk of a prompt, a
         # decode step): its keys are all real, cached ones first, so its diagonal is bottom-right.
         if kwargs.get("block_table") is not None:
-            raise NotImplementedError(
-                "fastattn got continuous batching's block-table decode path (k_cache/v_cache/block_table), which "
-                "Transformers enables only for flash-attention names; fastattn runs continuous batching through its "
-                "read/write-index (varlen) path: set ContinuousBatchingConfig(max_blocks_per_request=0)")
+            raise NotImplementedError(_BLOCK_TABLE_PATH)
         return _packed_call(module, query, key, value, cu_q, cu_k if cu_k is not None else cu_q,
                             kwargs.get("max_length_q"), kwargs.get("max_length_k"), dropout, scaling, kwargs), None
     if (mask is None and query.shape[0] == 1 and L == S and L > 1 and kwargs.get("position_bias") is None
@@ -411,8 +408,9 @@ def _key_layout(mask: torch.Tensor):
 def _unpadded_keys(query, key, value, mask, dropout, kwargs, dtype):
     """The mask's varlen form (see :func:`_key_layout`) when this call runs unpadded: a
     bidirectional key-padding mask of :func:`mask_function` with at least UNPADDED_MIN_PADDING of
-    the keys padded, more than UNPADDED_MIN_QUERIES queries, half precision for the kernel, no dropout, no gradient (the varlen backward
-    is not merged yet: training keeps the masked kernel); else None."""
+    the keys padded, more than UNPADDED_MIN_QUERIES queries, half precision for the kernel, no
+    dropout, no gradient (training keeps the masked kernel: the unpadded path's gradients through
+    the key gather are not tested yet); else None."""
     if mask is None or getattr(mask, _KEY_PADDING, None) is None or torch.compiler.is_compiling():
         return None
     if (dtype not in HALF_DTYPES or dropout or kwargs.get("position_bias") is not None
@@ -788,6 +786,10 @@ def _plain_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 # by switch_to_cb_friendly_attn below.
 
 PAGED_NAME = "paged|" + NAME
+_BLOCK_TABLE_PATH = (
+    "fastattn got continuous batching's block-table decode path (k_cache/v_cache/block_table), which Transformers "
+    "enables only for flash-attention names; fastattn runs continuous batching through its read/write-index "
+    "(varlen) path: set ContinuousBatchingConfig(max_blocks_per_request=0)")
 _OURS = "_fastattn_continuous_batching"
 
 
@@ -803,10 +805,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if cache is None:
         raise ValueError(f"attn_implementation={PAGED_NAME!r} needs continuous batching's paged cache (the `cache` "
                          f"keyword); use {NAME!r} for a standard forward")
-    if kwargs.get("block_table") is not None:
-        raise NotImplementedError(
-            "fastattn got continuous batching's block-table decode path, which Transformers enables only for "
-            "flash-attention names; set ContinuousBatchingConfig(max_blocks_per_request=0)")
+    if kwargs.get("block_table") is not None:  # before the cache is written
+        raise NotImplementedError(_BLOCK_TABLE_PATH)
     # (1, Hkv, new tokens, D) -> (keys read, Hkv, D) -> (1, Hkv, keys read, D)
     key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                               read_index=kwargs.pop("read_index"), write_index=kwargs.pop("write_index"))

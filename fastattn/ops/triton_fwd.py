@@ -45,16 +45,23 @@ def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]) -> dict:
     return {"dropout_p": dropout_p, "dropout_seed": int(seed[0]), "dropout_offset": 0}
 
 
-@torch.library.custom_op("fastattn::triton_fwd", mutates_args=())
-def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-               alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], scale: float,
-               window_left: int, window_right: int, diag_offset: int, softcap: float,
-               dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_fwd(q, k, v, mask, alibi_slopes, sinks, scale, window_left, window_right, diag_offset, softcap,
+               dropout_p=0.0, dropout_seed=None):
+    """The body of ``triton_fwd``, the same arguments: what eager inference calls directly."""
     from ..kernels.triton.flash_fwd import flash_attn_forward
 
     return flash_attn_forward(q, k, v, scale=scale, mask=mask, causal_bounds=(window_left, window_right),
                               diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                               **_dropout_args(dropout_p, dropout_seed))
+
+
+@torch.library.custom_op("fastattn::triton_fwd", mutates_args=())
+def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor], scale: float,
+               window_left: int, window_right: int, diag_offset: int, softcap: float,
+               dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_fwd(q, k, v, mask, alibi_slopes, sinks, scale, window_left, window_right, diag_offset, softcap,
+                      dropout_p, dropout_seed)
 
 
 @triton_fwd.register_fake

@@ -20,6 +20,18 @@ from .layout import empty_outputs
 from .triton_fwd import _laid_out_like
 
 
+def launch_varlen_fwd(q, k, v, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, cache_leftpad,
+                      cache_batch_idx, block_table, num_seqs, max_seqlen_q, max_seqlen_k, scale, window_left,
+                      window_right, lower_right, softcap, num_splits):
+    """The body of ``triton_varlen_fwd``, the same arguments: what eager inference calls directly."""
+    from ..kernels.triton.flash_fwd import Sequences, flash_attn_forward
+
+    seqs = Sequences(num_seqs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+                     cache_leftpad, cache_batch_idx, block_table, lower_right)
+    return flash_attn_forward(q, k, v, scale=scale, causal_bounds=(window_left, window_right), softcap=softcap,
+                              alibi_slopes=alibi_slopes, sinks=sinks, num_splits=num_splits or None, seqs=seqs)
+
+
 @torch.library.custom_op("fastattn::triton_varlen_fwd", mutates_args=())
 def triton_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: Optional[torch.Tensor],
                       sinks: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
@@ -29,12 +41,9 @@ def triton_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_s
                       max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: float, window_left: int,
                       window_right: int, lower_right: bool, softcap: float,
                       num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels.triton.flash_fwd import Sequences, flash_attn_forward
-
-    seqs = Sequences(num_seqs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
-                     cache_leftpad, cache_batch_idx, block_table, lower_right)
-    return flash_attn_forward(q, k, v, scale=scale, causal_bounds=(window_left, window_right), softcap=softcap,
-                              alibi_slopes=alibi_slopes, sinks=sinks, num_splits=num_splits or None, seqs=seqs)
+    return launch_varlen_fwd(q, k, v, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                             cache_leftpad, cache_batch_idx, block_table, num_seqs, max_seqlen_q, max_seqlen_k, scale,
+                             window_left, window_right, lower_right, softcap, num_splits)
 
 
 @triton_varlen_fwd.register_fake
