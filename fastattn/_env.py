@@ -6,11 +6,6 @@ import os
 DECISION_VARIABLES = ("FASTATTN_BACKEND", "FASTATTN_STRICT", "TRITON_INTERPRET")
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run through the Triton interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _raw_reader(names: tuple[str, ...]):
     """A function returning the raw values of ``names`` in ``os.environ``, as a tuple to key a
     cache on. ``os.environ.get`` costs about 0.7 us a variable (it encodes the name each time);
@@ -32,6 +27,13 @@ def _raw_reader(names: tuple[str, ...]):
 
 decision_environment = _raw_reader(DECISION_VARIABLES)
 decision_environment.__doc__ = "The raw values of DECISION_VARIABLES (None where unset), cheaply."
+_INTERPRET = DECISION_VARIABLES.index("TRITON_INTERPRET")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the Triton interpreter (TRITON_INTERPRET=1). Read
+    raw (each launch asks): "1" as os.environ gives it, or as bytes where it keeps them so."""
+    return decision_environment()[_INTERPRET] in ("1", b"1")
 
 
 def constant_while_tracing(fn):

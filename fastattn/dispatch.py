@@ -133,12 +133,26 @@ def _prepare(name: str) -> None:
 def forced_backend() -> Optional[str]:
     name = _forced.get()
     if name is None:
-        name = _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto", "FASTATTN_BACKEND")
+        return _environment()[0]
     return None if name == "auto" else name
 
 
 def _strict() -> bool:
     return os.environ.get("FASTATTN_STRICT", "0").strip().lower() in ("1", "true", "yes")
+
+
+def _environment() -> tuple[Optional[str], bool, bool]:
+    """What the environment says to a decision: the backend FASTATTN_BACKEND forces (None for
+    "auto"; an unknown name raises), FASTATTN_STRICT, and TRITON_INTERPRET."""
+    name = _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto", "FASTATTN_BACKEND")
+    return (None if name == "auto" else name), _strict(), interpreting()
+
+
+@functools.lru_cache(maxsize=64)
+def _environment_for(raw: tuple) -> tuple[Optional[str], bool, bool]:
+    """:func:`_environment` for the raw values ``decision_environment()`` read: parsed once per
+    value (reading the three variables through os.environ costs 2-3 us a call)."""
+    return _environment()
 
 
 # torch.backends.cuda's getters call these; called directly they cost a quarter (the plan key reads them)
@@ -292,13 +306,19 @@ register_backend(SDPABackend())
 
 
 def explain_call(call: AttentionCall) -> Explanation:
-    forced = forced_backend()
-    if forced is not None and _forced.get() is None:  # forced by FASTATTN_BACKEND
-        _prepare(forced)
     # While torch.compile traces, the decision is worked out afresh (and baked into the graph):
     # Dynamo ignores lru_cache, and warns when it meets one.
-    decide = _decide.__wrapped__ if torch.compiler.is_compiling() else _decide
-    return decide(call.features, forced, _strict(), torch_restriction(), interpreting(), availability())
+    tracing = torch.compiler.is_compiling()
+    env_forced, strict, interpret = _environment() if tracing else _environment_for(decision_environment())
+    forced = _forced.get()
+    if forced is None:
+        forced = env_forced
+        if forced is not None:  # forced by FASTATTN_BACKEND
+            _prepare(forced)
+    elif forced == "auto":
+        forced = None
+    decide = _decide.__wrapped__ if tracing else _decide
+    return decide(call.features, forced, strict, torch_restriction(), interpret, availability())
 
 
 def select(call: AttentionCall) -> Backend:
