@@ -10,7 +10,6 @@ backend sees the call.
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -31,11 +30,13 @@ class InvalidInputError(ValueError, RuntimeError):
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)  # a handful of dtypes; the Transformers fast path asks every call
 def mask_dtypes(query_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     """The attn_mask dtypes a call takes: bool (True = attend), or additive in the query's
-    dtype or float32."""
-    return tuple(dict.fromkeys((torch.bool, query_dtype, torch.float32)))
+    dtype or float32. (Spelled out, not cached: the Transformers fast path asks every call,
+    and torch.compile warns about every lru_cache it traces.)"""
+    if query_dtype is torch.float32:
+        return torch.bool, torch.float32
+    return torch.bool, query_dtype, torch.float32
 
 
 @dataclass(frozen=True)
@@ -185,45 +186,56 @@ class AttentionCall:
         return features
 
     def _features(self) -> Features:
-        q, k, v = self.q, self.k, self.v
-        dense = Features(
-            device_type=q.device.type,
-            device_index=q.device.index,
+        # Built in one go (a frozen dataclass of 30 fields costs about 3 us to make; no
+        # dataclasses.replace afterwards), reading each attribute once.
+        q, k, v, mask, slopes, sinks = self.q, self.k, self.v, self.mask, self.alibi_slopes, self.sinks
+        q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+        device = q.device
+        grad = torch.is_grad_enabled()
+        layout = self.layout
+        if layout == "dense":
+            equal_lengths, page_size, extras = q_shape[2] == k_shape[2], 0, ()
+            empty = q.numel() == 0 or k_shape[2] == 0 or k_shape[-1] == 0 or v_shape[-1] == 0
+            query_rows = q_shape[2]
+        else:  # per-sequence lengths: the storage's sizes say nothing of any one sequence's
+            equal_lengths = False
+            page_size = k_shape[2] if self.block_table is not None else 0
+            extras = tuple(name for name in ("cache_batch_idx", "cache_leftpad", "seqused_q")
+                           if getattr(self, name) is not None)
+            empty = q.numel() == 0 or k_shape[-1] == 0 or v_shape[-1] == 0
+            query_rows = self.max_seqlen_q if self.max_seqlen_q is not None else q_shape[2]
+        return Features(
+            device_type=device.type,
+            device_index=device.index,
             dtype=q.dtype,
-            head_dim=q.shape[-1],
-            head_dim_v=v.shape[-1],
-            num_heads_q=q.shape[1],
-            num_heads_kv=k.shape[1],
-            equal_lengths=q.shape[2] == k.shape[2],
-            empty=q.numel() == 0 or k.shape[2] == 0 or k.shape[-1] == 0 or v.shape[-1] == 0,
+            head_dim=q_shape[-1],
+            head_dim_v=v_shape[-1],
+            num_heads_q=q_shape[1],
+            num_heads_kv=k_shape[1],
+            equal_lengths=equal_lengths,
+            empty=empty,
             causal=self.causal,
             lower_right=self.lower_right,
             window=self.key_bounds,
             has_softcap=self.softcap > 0,
-            has_alibi=self.alibi_slopes is not None,
-            has_sinks=self.sinks is not None,
-            mask_dtype=None if self.mask is None else self.mask.dtype,
+            has_alibi=slopes is not None,
+            has_sinks=sinks is not None,
+            mask_dtype=None if mask is None else mask.dtype,
             dropout=self.dropout_p > 0,
-            needs_grad=torch.is_grad_enabled()
-            and any(t.requires_grad for t in (q, k, v, self.mask, self.alibi_slopes, self.sinks) if t is not None),
-            last_dim_contiguous=all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in (q, k, v)),
+            needs_grad=grad and (q.requires_grad or k.requires_grad or v.requires_grad
+                                 or any(t is not None and t.requires_grad for t in (mask, slopes, sinks))),
+            last_dim_contiguous=((q.stride(-1) == 1 or q_shape[-1] <= 1) and (k.stride(-1) == 1 or k_shape[-1] <= 1)
+                                 and (v.stride(-1) == 1 or v_shape[-1] <= 1)),
             want_lse=self.want_lse,
-            short_queries=q.shape[2] <= 16,
-            mask_needs_grad=self.mask is not None and self.mask.requires_grad and torch.is_grad_enabled(),
-            alibi_needs_grad=(self.alibi_slopes is not None and self.alibi_slopes.requires_grad
-                              and torch.is_grad_enabled()),
-            mask_key_padding=self.mask is not None and all(  # head and query dims absent, size 1 or stride 0
-                self.mask.dim() < -d or self.mask.shape[d] == 1 or self.mask.stride(d) == 0 for d in (-3, -2)),
+            short_queries=query_rows <= 16,
+            mask_needs_grad=mask is not None and mask.requires_grad and grad,
+            alibi_needs_grad=slopes is not None and slopes.requires_grad and grad,
+            mask_key_padding=mask is not None and all(  # head and query dims absent, size 1 or stride 0
+                mask.dim() < -d or mask.shape[d] == 1 or mask.stride(d) == 0 for d in (-3, -2)),
+            layout=layout,
+            page_size=page_size,
+            layout_extras=extras,
         )
-        return dense if self.layout == "dense" else replace(dense, **self._layout_features())
-
-    def _layout_features(self) -> dict:
-        q_rows = self.max_seqlen_q if self.max_seqlen_q is not None else self.q.shape[2]
-        extras = tuple(name for name in ("cache_batch_idx", "cache_leftpad", "seqused_q")
-                       if getattr(self, name) is not None)
-        return dict(layout=self.layout, page_size=self.k.shape[2] if self.block_table is not None else 0,
-                    layout_extras=extras, equal_lengths=False, short_queries=q_rows <= 16,
-                    empty=self.q.numel() == 0 or self.k.shape[-1] == 0 or self.v.shape[-1] == 0)
 
 
 # --------------------------------------------------------------------------- checks
@@ -250,6 +262,8 @@ def _check_tensors(names: tuple[str, ...], tensors: tuple) -> None:
 
 
 def _check_dropout(dropout_p) -> float:
+    if type(dropout_p) is float and 0.0 <= dropout_p <= 1.0:  # the common case, without ABC checks
+        return dropout_p
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p <= 1.0:
@@ -265,6 +279,14 @@ def _check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise InvalidInputError(f"scale must be finite, got {scale}")
     return float(scale)
+
+
+def _check_softcap(softcap) -> float:
+    if type(softcap) is float and 0.0 <= softcap < math.inf:  # the common case, without ABC checks
+        return softcap
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
+        raise InvalidInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    return float(softcap)
 
 
 def _check_heads(hq: int, hk: int, hv: int, *, gqa_allowed: bool, hint: str) -> None:
@@ -455,8 +477,7 @@ def with_extras(call: AttentionCall, *, causal: bool = False, window=(-1, -1), s
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
         raise InvalidInputError(f"window must be a pair of ints >= -1 (-1 = unbounded), got {window!r}")
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
-        raise InvalidInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    softcap = _check_softcap(softcap)
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
             raise TypeError(f"sinks must be a floating-point tensor, got {type(sinks).__name__}")
@@ -465,7 +486,7 @@ def with_extras(call: AttentionCall, *, causal: bool = False, window=(-1, -1), s
             raise InvalidInputError(f"sinks must hold one logit per query head, shape ({heads},); "
                                     f"got {tuple(sinks.shape)}")
         sinks = sinks.to(call.q.device)  # a (heads,) parameter: no cost worth a refusal
-    return replace(call, causal=causal, window=tuple(window), softcap=float(softcap), sinks=sinks)
+    return replace(call, causal=causal, window=tuple(window), softcap=softcap, sinks=sinks)
 
 
 # --------------------------------------------------------------------------- flash-attn front end
@@ -488,16 +509,8 @@ def from_flash_args(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         raise InvalidInputError(f"k and v must have the same seqlen; got {k.shape[1]} and {v.shape[1]}")
     _check_heads(Hq, k.shape[2], v.shape[2], gqa_allowed=True, hint="")
     dropout_p = _check_dropout(dropout_p)
-    if isinstance(window_size, torch.Tensor):  # flash-attn's tests pass torch.randint(0, seqlen_k, (2,))
-        window_size = window_pair(window_size)
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    left, right = (int(w) for w in window_size)
-    if left < -1 or right < -1:
-        raise InvalidInputError(f"window_size entries must be >= -1 (-1 = unbounded), got {(left, right)}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise InvalidInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    left, right = window_pair(window_size)
+    softcap = _check_softcap(softcap)
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
             raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
@@ -510,7 +523,7 @@ def from_flash_args(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                 f"alibi_slopes must have shape (nheads,) = ({Hq},) or (batch, nheads) = ({B}, {Hq}); "
                 f"got {tuple(alibi_slopes.shape)}"
             )
-    return flash_call(q, k, v, dropout_p, _check_scale(softmax_scale, E), causal, (left, right), float(softcap),
+    return flash_call(q, k, v, dropout_p, _check_scale(softmax_scale, E), causal, (left, right), softcap,
                       alibi_slopes, return_lse)
 
 
@@ -635,6 +648,10 @@ def window_pair(window_size) -> tuple[int, int]:
             raise TypeError(f"window_size as a tensor must hold 2 integers, got shape {tuple(window_size.shape)} "
                             f"{window_size.dtype}")
         window_size = tuple(int(w) for w in window_size.tolist())
+    if type(window_size) is tuple and len(window_size) == 2:  # the common case, without ABC checks
+        left, right = window_size
+        if type(left) is int and type(right) is int and left >= -1 and right >= -1:
+            return left, right
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
@@ -663,6 +680,8 @@ def _max_seqlen(name: str, value, device: torch.device) -> tuple[Optional[int], 
     GPU is not read: the launch is then sized by the storage (total tokens or cache capacity)
     and programs past a sequence's end exit at once; no host sync and, under torch.compile,
     nothing to specialize on. Pass an int for the tightest launch."""
+    if type(value) is int and value >= 0:  # the common case, without ABC checks
+        return value, None
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.is_floating_point() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an int or a 0-d integer tensor, got a {value.dtype} tensor "
@@ -747,8 +766,7 @@ def _flash_extras(Hq: int, B: int, device: torch.device, softmax_scale, E: int, 
     left, right = window_pair(window_size)
     if causal:
         right = 0 if right < 0 else min(right, 0)
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
-        raise InvalidInputError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    softcap = _check_softcap(softcap)
     slopes = None
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor):
@@ -769,7 +787,7 @@ def _flash_extras(Hq: int, B: int, device: torch.device, softmax_scale, E: int, 
                                     f"got {tuple(sinks.shape)}")
         sinks = sinks.to(device)
     return dict(scale=_check_scale(softmax_scale, E), causal=causal, lower_right=True, window=(left, right),
-                softcap=float(softcap), alibi_slopes=slopes, sinks=sinks)
+                softcap=softcap, alibi_slopes=slopes, sinks=sinks)
 
 
 def from_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
