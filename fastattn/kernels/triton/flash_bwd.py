@@ -45,7 +45,8 @@ import triton.language as tl
 
 from ..._env import interpreting
 from .dropout import _dropout_keep
-from .flash_fwd import MASK_ADD, MASK_BOOL, MASK_NONE, Sequences, _smaller, _tanh, _to_dtype, device_guard
+from .flash_fwd import (MASK_ADD, MASK_BOOL, MASK_NONE, Sequences, _smaller, _tanh, _to_dtype, cdiv, device_guard,
+                        next_power_of_2)
 
 LOG2E = 1.4426950408889634
 
@@ -707,14 +708,14 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
 
     left, right = causal_bounds
     group = Hq // Hkv
-    block_d = max(16, triton.next_power_of_2(E))
-    block_dv = max(16, triton.next_power_of_2(Ev))
+    block_d = max(16, next_power_of_2(E))
+    block_dv = max(16, next_power_of_2(Ev))
     may_step_down = config is None
     cfg = config or block_config(E, Ev)
     # delta has q's storage shape: the preprocess reads every stored row, whatever sequence it belongs to.
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     pre_block_m = 16 if interpreting() else 64
-    pre_blocks = triton.cdiv(L, pre_block_m)
+    pre_blocks = cdiv(L, pre_block_m)
     sink_part = torch.zeros((B, Hq, pre_blocks), dtype=torch.float32, device=q.device) if sinks is not None else delta
     dlse_arg, dlse_strides = (delta, (0, 0, 0)) if dlse is None else (dlse, dlse.stride())
 
@@ -747,13 +748,13 @@ def flash_attn_backward(do, q, k, v, out, lse, *, scale, mask=None, causal_bound
                 num_warps=4,
             )
         if num_seqs * Hkv * grid_s > 0:
-            _launch(_flash_bwd_dkdv_kernel, lambda c: (triton.cdiv(grid_s, c["BLOCK_N"]), num_seqs * Hkv),
+            _launch(_flash_bwd_dkdv_kernel, lambda c: (cdiv(grid_s, c["BLOCK_N"]), num_seqs * Hkv),
                     dict(cfg["dkdv"]), may_step_down,
                     q, k, v, do, lse, delta, dk, dv, mask_arg, slopes_arg, *index_args,
                     *q_strides, *k_strides, *v_strides, *do_strides, *lse_strides,
                     *dk_strides, *dv_strides, *mstrides, *sstrides, *scalars, **common)
         if num_seqs * Hq * grid_l > 0:
-            _launch(_flash_bwd_dq_kernel, lambda c: (triton.cdiv(grid_l, c["BLOCK_M"]), num_seqs * Hq),
+            _launch(_flash_bwd_dq_kernel, lambda c: (cdiv(grid_l, c["BLOCK_M"]), num_seqs * Hq),
                     dict(cfg["dq"]), may_step_down,
                     q, k, v, do, lse, delta, dq, mask_arg, slopes_arg, *index_args,
                     *q_strides, *k_strides, *v_strides, *do_strides, *lse_strides,

@@ -460,12 +460,24 @@ def choose_num_splits(programs: int, seqlen_k: int, block_n: int, device: torch.
     sms = _device.sm_count(device.index)
     if programs >= sms:
         return 1
-    by_occupancy = triton.cdiv(2 * sms, programs)
+    by_occupancy = cdiv(2 * sms, programs)
     by_length = seqlen_k // (4 * block_n)
     return max(1, min(by_occupancy, by_length, 64))
 
 
 # --------------------------------------------------------------------------- launcher
+
+# Host-side arithmetic. triton.cdiv and triton.next_power_of_2 are constexpr functions, which
+# unwrap their arguments on every call: about 1 us each from host code (Triton 3.8), and a
+# launch needs several.
+
+
+def cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
+
+def next_power_of_2(n: int) -> int:
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def device_guard(device: torch.device):
@@ -619,19 +631,19 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
     rows, programs_per_row_block = (group * L, B * Hkv) if pack_gqa else (L, B * Hq)
     may_step_down = config is None
     cfg = dict(config or block_config(E, Ev, rows))
-    block_d = max(16, triton.next_power_of_2(E))
-    block_dv = max(16, triton.next_power_of_2(Ev))
+    block_d = max(16, next_power_of_2(E))
+    block_dv = max(16, next_power_of_2(Ev))
     if rows == 0 or programs_per_row_block == 0:  # per-sequence launch with no query at all
         return out, lse
 
     with device_guard(q.device):
         while True:
             block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-            m_blocks = triton.cdiv(rows, block_m)
+            m_blocks = cdiv(rows, block_m)
             splits = num_splits or choose_num_splits(m_blocks * programs_per_row_block, S, block_n, q.device)
-            splits = max(1, min(splits, triton.cdiv(S, block_n)))
-            split_size = triton.cdiv(triton.cdiv(max(S, 1), block_n), splits) * block_n
-            splits = triton.cdiv(max(S, 1), split_size)
+            splits = max(1, min(splits, cdiv(S, block_n)))
+            split_size = cdiv(cdiv(max(S, 1), block_n), splits) * block_n
+            splits = cdiv(max(S, 1), split_size)
             if splits > 1:
                 part_out = torch.empty((splits, storage_b, Hq, storage_q, Ev), dtype=torch.float32, device=q.device)
                 part_lse = torch.empty((splits, storage_b, Hq, storage_q), dtype=torch.float32, device=q.device)
@@ -674,7 +686,7 @@ def flash_attn_forward(q, k, v, *, scale, mask=None, causal_bounds=(-1, -1), dia
                 *part_out.stride(), *part_lse.stride()[:3],
                 *out.stride(), lse.stride(0), lse.stride(1),
                 Hq, splits,
-                HEAD_DIM_V=Ev, BLOCK_DV=block_dv, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+                HEAD_DIM_V=Ev, BLOCK_DV=block_dv, BLOCK_S=max(2, next_power_of_2(splits)),
                 HAS_SINKS=sinks is not None, UPCAST=interpreting(),
             )
     return out, lse
