@@ -17,10 +17,16 @@ the same inputs, timed in alternating short batches, so that a busy or drifting 
 both alike. The table shows the fastest batch and the median per call in microseconds, and
 fastattn's extra microseconds, fastest against fastest (on a shared machine the fastest batch
 is the one least disturbed by others: timeit's rule), against the goal from issue #12.
+
+Two rows stand alone (no counterpart; fastattn's own host work): a continuous-batching decode
+step through ``flash_attn_varlen_func`` (no cached plan: a new packing each step), and, on the
+CPU, the Triton launcher's own Python with the kernel stubbed out, what a GPU pays before
+Triton's launch on every Triton call.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from dataclasses import dataclass
@@ -43,10 +49,11 @@ COLUMNS = ["timestamp", "commit", "device", "torch", "transformers", "threads", 
 class Case:
     name: str
     counterpart: str
-    reference: Callable[[], object]  # the call fastattn stands in for
+    reference: Optional[Callable[[], object]]  # the call fastattn stands in for (None: fastattn's time alone)
     fastattn: Callable[[], object]
     goal_us: Optional[float]  # fastattn may cost at most this much more (None: no goal)
     backend: str = ""  # what fastattn ran
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # held while timing
 
 
 _ON = {"device": "cpu", "dtype": torch.float32}  # where the cases' tensors live (main() sets it)
@@ -102,7 +109,73 @@ def front_end_cases() -> list[Case]:
     cases.append(Case("flash_attn_func: decode, window 64", "F.sdpa with the window as a mask",
                       lambda: torch_window(wq, wk, wv),
                       lambda: fastattn.flash_attn_func(wq, wk, wv, causal=True, window_size=(64, 0)), None))
+    cases.append(varlen_case())
+    if torch.device(_ON["device"]).type == "cpu" and _has_triton():
+        cases.append(launcher_case())
     return cases
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def varlen_case() -> Case:
+    """A continuous-batching decode step: 8 packed sequences, one query each, as
+    ``flash_attn_varlen_func`` gets it. Such calls take no cached plan (the packing changes every
+    step), so every call is checked and dispatched afresh. Nothing stands beside it: on a GPU
+    the row is the whole call, the Triton launch included; on the CPU, where the fallback would
+    run the sequences one by one, it is the checks and the choice alone, index values included
+    (read for free there; on a GPU they are not read at all)."""
+    from fastattn import dispatch
+    from fastattn.inputs import from_varlen_args
+
+    lengths = [30 + 3 * i for i in range(8)]
+    device = torch.device(_ON["device"])
+    cu_q = torch.arange(9, dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    q = torch.randn(8, 4, 16, **_ON)
+    k, v = torch.randn(sum(lengths), 2, 16, **_ON), torch.randn(sum(lengths), 2, 16, **_ON)
+    if device.type == "cuda":
+        return Case("flash_attn_varlen_func: decode, 8 seqs", "(none: the whole call)", None,
+                    lambda: fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lengths), causal=True), None)
+
+    def checks_and_choice():
+        return dispatch.select(from_varlen_args(q, k, v, cu_q, cu_k, 1, max(lengths), causal=True))
+
+    return Case("varlen: decode, 8 seqs (checks + choice)", "(none: fastattn's host work)", None,
+                checks_and_choice, None)
+
+
+@contextlib.contextmanager
+def _triton_kernels_stubbed():
+    """The forward launcher with its kernels replaced by no-ops (and one split: the CPU has no SM
+    count), so that its own host work can be timed where no GPU runs it."""
+    from unittest import mock
+
+    from fastattn.kernels.triton import flash_fwd
+
+    class NoKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    with mock.patch.dict("os.environ", {"TRITON_INTERPRET": "0"}), \
+            mock.patch.multiple(flash_fwd, _flash_fwd_kernel=NoKernel(), _combine_splits_kernel=NoKernel(),
+                                choose_num_splits=lambda *args: 1):
+        yield
+
+
+def launcher_case() -> Case:
+    """What fastattn's Triton launcher costs on the host before Triton's own launch: a
+    sliding-window decode step (B 4, 8 / 2 heads, hd 64, 256 keys, fp16), the kernel stubbed."""
+    from fastattn.kernels.triton.flash_fwd import flash_attn_forward
+
+    q = torch.randn(4, 8, 1, 64, dtype=torch.float16)
+    k, v = torch.randn(4, 2, 256, 64, dtype=torch.float16), torch.randn(4, 2, 256, 64, dtype=torch.float16)
+    return Case("triton launcher, kernel stubbed: decode", "(none: fastattn's host work)", None,
+                lambda: flash_attn_forward(q, k, v, scale=0.125, causal_bounds=(63, -1), diag_offset=255), None,
+                context=_triton_kernels_stubbed)
 
 
 def transformers_cases() -> list[Case]:
@@ -173,14 +246,18 @@ def transformers_cases() -> list[Case]:
 def measure(cases: list[Case], repeats: int, batch_s: float) -> list[dict]:
     rows = []
     for case in cases:
-        with torch.no_grad():
+        fns = {"fastattn": case.fastattn} if case.reference is None else {"theirs": case.reference,
+                                                                          "fastattn": case.fastattn}
+        with torch.no_grad(), case.context():
             samples = {name: [t * 1e6 for t in times] for name, times in interleaved_samples(  # us per call
-                {"theirs": case.reference, "fastattn": case.fastattn}, repeats, batch_s, warmup=20, calibrate=20).items()}
-        theirs, ours = samples["theirs"], samples["fastattn"]
+                fns, repeats, batch_s, warmup=20, calibrate=20).items()}
+        ours = samples["fastattn"]
+        theirs = samples.get("theirs", [0.0])
         rows.append(dict(case=case.name, counterpart=case.counterpart, theirs_min_us=min(theirs),
                          theirs_p50_us=statistics.median(theirs), fastattn_min_us=min(ours),
                          fastattn_p50_us=statistics.median(ours), extra_us=min(ours) - min(theirs),
-                         ratio=min(ours) / min(theirs), goal_us="" if case.goal_us is None else case.goal_us))
+                         ratio=min(ours) / min(theirs) if case.reference is not None else "",
+                         goal_us="" if case.goal_us is None else case.goal_us))
     return rows
 
 
@@ -193,7 +270,7 @@ def table(rows: list[dict]) -> str:
         verdict = "" if goal == "" else (f"<= {goal:+g} us " + ("ok" if r["extra_us"] <= goal else "MISSED"))
         lines.append(f"{r['case']:<46} {r['counterpart']:<32} {r['theirs_min_us']:7.1f}/{r['theirs_p50_us']:<7.1f} "
                      f"{r['fastattn_min_us']:8.1f}/{r['fastattn_p50_us']:<8.1f} {r['extra_us']:+7.1f} "
-                     f"{r['ratio']:5.2f}x  {verdict}")
+                     + (f"{r['ratio']:5.2f}x" if r["ratio"] != "" else f"{'-':>6}") + f"  {verdict}")
     return "\n".join(lines)
 
 

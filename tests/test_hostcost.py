@@ -273,6 +273,47 @@ def test_plans_follow_forcing_the_environment_and_torchs_switches(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of triton on the CPU")
+def test_uncached_decisions_read_the_environment_as_it_is_now(monkeypatch):
+    """Calls with no plan (varlen: a new packing every step) parse the environment once per
+    value of its variables: each change still shows in the next decision."""
+    q, k, v = (torch.randn(n, h, 16, dtype=torch.float16) for n, h in ((5, 4), (9, 2), (9, 2)))
+    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+
+    def chosen():
+        return fastattn.explain_varlen(q, k, v, cu_q, cu_k, 3, 5, causal=True).chosen
+
+    assert chosen() == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert chosen() == "sdpa"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert chosen() == "triton"
+    monkeypatch.setenv("FASTATTN_BACKEND", "sdpa")
+    assert chosen() == "sdpa"
+    monkeypatch.setenv("FASTATTN_BACKEND", "nonsense")
+    for _ in range(2):  # an unknown name is refused every time, not once
+        with pytest.raises(ValueError, match="FASTATTN_BACKEND"):
+            chosen()
+    monkeypatch.setenv("FASTATTN_BACKEND", "auto")
+    monkeypatch.setenv("FASTATTN_STRICT", "1")
+    assert chosen() == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(fastattn.UnsupportedError, match="FASTATTN_STRICT"):
+        fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 5, causal=True)
+
+
+def test_launch_arithmetic_is_tritons():
+    """The launchers' own cdiv / next_power_of_2 (Triton's are constexpr functions, slow to call
+    from host code) give Triton's values."""
+    triton = pytest.importorskip("triton")
+    from fastattn.kernels.triton.flash_fwd import cdiv, next_power_of_2
+
+    for n in range(0, 1100):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 2, 3, 16, 17, 64, 128, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of triton on the CPU")
 def test_plans_follow_a_backends_availability_without_clearing_anything(monkeypatch):
     q, k, v = (t.half() for t in _sdpa_good())
     assert fastattn.explain(q, k, v, enable_gqa=True).chosen == "triton"
