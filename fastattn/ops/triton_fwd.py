@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels.triton.flash_fwd import flash_attn_forward
 from .layout import empty_outputs
 
 
@@ -48,8 +49,6 @@ def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]) -> dict:
 def launch_fwd(q, k, v, mask, alibi_slopes, sinks, scale, window_left, window_right, diag_offset, softcap,
                dropout_p=0.0, dropout_seed=None):
     """The body of ``triton_fwd``, the same arguments: what eager inference calls directly."""
-    from ..kernels.triton.flash_fwd import flash_attn_forward
-
     return flash_attn_forward(q, k, v, scale=scale, mask=mask, causal_bounds=(window_left, window_right),
                               diag_offset=diag_offset, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                               **_dropout_args(dropout_p, dropout_seed))

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels.triton.flash_fwd import Sequences, flash_attn_forward
 from .layout import empty_outputs
 from .triton_fwd import _laid_out_like
 
@@ -24,8 +25,6 @@ def launch_varlen_fwd(q, k, v, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, 
                       cache_batch_idx, block_table, num_seqs, max_seqlen_q, max_seqlen_k, scale, window_left,
                       window_right, lower_right, softcap, num_splits):
     """The body of ``triton_varlen_fwd``, the same arguments: what eager inference calls directly."""
-    from ..kernels.triton.flash_fwd import Sequences, flash_attn_forward
-
     seqs = Sequences(num_seqs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
                      cache_leftpad, cache_batch_idx, block_table, lower_right)
     return flash_attn_forward(q, k, v, scale=scale, causal_bounds=(window_left, window_right), softcap=softcap,
@@ -63,7 +62,6 @@ def triton_varlen_bwd(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch
     """(dq, dk, dv, dsinks) as ``triton_bwd`` returns them, for ``triton_varlen_fwd``'s
     packed/seqused layouts (each gradient laid out like its input; dsinks (0,) without sinks)."""
     from ..kernels.triton.flash_bwd import flash_attn_backward
-    from ..kernels.triton.flash_fwd import Sequences
 
     seqs = Sequences(num_seqs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
                      lower_right=lower_right)
