@@ -20,8 +20,8 @@ is the one least disturbed by others: timeit's rule), against the goal from issu
 
 Two rows stand alone (no counterpart; fastattn's own host work): a continuous-batching decode
 step through ``flash_attn_varlen_func`` (no cached plan: a new packing each step), and, on the
-CPU, the Triton launcher's own Python with the kernel stubbed out, what a GPU pays before
-Triton's launch on every Triton call.
+CPU, a decode step's way to the Triton kernel with the kernel stubbed out: what a GPU pays
+before Triton's own launch on every Triton call.
 """
 from __future__ import annotations
 
@@ -150,8 +150,9 @@ def varlen_case() -> Case:
 
 @contextlib.contextmanager
 def _triton_kernels_stubbed():
-    """The forward launcher with its kernels replaced by no-ops (and one split: the CPU has no SM
-    count), so that its own host work can be timed where no GPU runs it."""
+    """The Triton forward kernels replaced by no-ops, with dispatch choosing the Triton backend on
+    the CPU (TRITON_INTERPRET=1, which then never runs), so that fastattn's host work on the
+    way to Triton's launch can be timed where no GPU runs it."""
     from unittest import mock
 
     from fastattn.kernels.triton import flash_fwd
@@ -160,21 +161,19 @@ def _triton_kernels_stubbed():
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    with mock.patch.dict("os.environ", {"TRITON_INTERPRET": "0"}), \
-            mock.patch.multiple(flash_fwd, _flash_fwd_kernel=NoKernel(), _combine_splits_kernel=NoKernel(),
-                                choose_num_splits=lambda *args: 1):
+    with mock.patch.dict("os.environ", {"TRITON_INTERPRET": "1"}), \
+            mock.patch.multiple(flash_fwd, _flash_fwd_kernel=NoKernel(), _combine_splits_kernel=NoKernel()):
         yield
 
 
 def launcher_case() -> Case:
-    """What fastattn's Triton launcher costs on the host before Triton's own launch: a
-    sliding-window decode step (B 4, 8 / 2 heads, hd 64, 256 keys, fp16), the kernel stubbed."""
-    from fastattn.kernels.triton.flash_fwd import flash_attn_forward
-
-    q = torch.randn(4, 8, 1, 64, dtype=torch.float16)
-    k, v = torch.randn(4, 2, 256, 64, dtype=torch.float16), torch.randn(4, 2, 256, 64, dtype=torch.float16)
-    return Case("triton launcher, kernel stubbed: decode", "(none: fastattn's host work)", None,
-                lambda: flash_attn_forward(q, k, v, scale=0.125, causal_bounds=(63, -1), diag_offset=255), None,
+    """What a sliding-window decode step (Mistral's; B 4, 8 / 2 heads, hd 64, 256 keys, fp16)
+    costs fastattn on the host before Triton's own launch: flash_attn_func's plan, the call, the
+    backend and the launcher, with the kernel stubbed."""
+    q = torch.randn(4, 1, 8, 64, dtype=torch.float16)
+    k, v = torch.randn(4, 256, 2, 64, dtype=torch.float16), torch.randn(4, 256, 2, 64, dtype=torch.float16)
+    return Case("flash_attn_func -> triton, kernel stubbed", "(none: fastattn's host work)", None,
+                lambda: fastattn.flash_attn_func(q, k, v, causal=True, window_size=(64, 0)), None,
                 context=_triton_kernels_stubbed)
 
 
@@ -251,13 +250,14 @@ def measure(cases: list[Case], repeats: int, batch_s: float) -> list[dict]:
         with torch.no_grad(), case.context():
             samples = {name: [t * 1e6 for t in times] for name, times in interleaved_samples(  # us per call
                 fns, repeats, batch_s, warmup=20, calibrate=20).items()}
-        ours = samples["fastattn"]
-        theirs = samples.get("theirs", [0.0])
-        rows.append(dict(case=case.name, counterpart=case.counterpart, theirs_min_us=min(theirs),
-                         theirs_p50_us=statistics.median(theirs), fastattn_min_us=min(ours),
-                         fastattn_p50_us=statistics.median(ours), extra_us=min(ours) - min(theirs),
-                         ratio=min(ours) / min(theirs) if case.reference is not None else "",
-                         goal_us="" if case.goal_us is None else case.goal_us))
+        ours, theirs = samples["fastattn"], samples.get("theirs")
+        row = dict(case=case.name, counterpart=case.counterpart, theirs_min_us="", theirs_p50_us="",
+                   fastattn_min_us=min(ours), fastattn_p50_us=statistics.median(ours), extra_us=min(ours), ratio="",
+                   goal_us="" if case.goal_us is None else case.goal_us)
+        if theirs is not None:
+            row.update(theirs_min_us=min(theirs), theirs_p50_us=statistics.median(theirs),
+                       extra_us=min(ours) - min(theirs), ratio=min(ours) / min(theirs))
+        rows.append(row)
     return rows
 
 
@@ -268,7 +268,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         goal = r["goal_us"]
         verdict = "" if goal == "" else (f"<= {goal:+g} us " + ("ok" if r["extra_us"] <= goal else "MISSED"))
-        lines.append(f"{r['case']:<46} {r['counterpart']:<32} {r['theirs_min_us']:7.1f}/{r['theirs_p50_us']:<7.1f} "
+        theirs = "-" if r["theirs_min_us"] == "" else f"{r['theirs_min_us']:7.1f}/{r['theirs_p50_us']:<7.1f}"
+        lines.append(f"{r['case']:<46} {r['counterpart']:<32} {theirs:>15} "
                      f"{r['fastattn_min_us']:8.1f}/{r['fastattn_p50_us']:<8.1f} {r['extra_us']:+7.1f} "
                      + (f"{r['ratio']:5.2f}x" if r["ratio"] != "" else f"{'-':>6}") + f"  {verdict}")
     return "\n".join(lines)
