@@ -430,6 +430,64 @@ def test_hot_path_reads_nothing_back_from_the_device(name):
     assert recorder.syncs == []
 
 
+class _NoKernel:
+    """A Triton kernel's stand-in that launches nothing and counts its launches."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+
+        return launch
+
+
+def _triton_route_calls():
+    """Decode steps that run the Triton kernel on a GPU: a sliding window (dense), a packed
+    continuous-batching step (varlen), a KV-cache append and a paged cache."""
+    q, k, v = (t.transpose(1, 2).half() for t in _sdpa_good())  # (B, L, H, E)
+    qd = q[:, -1:]
+    B, S, Hkv, E = k.shape
+    cu_q = torch.arange(B + 1, dtype=torch.int32, device=DEVICE)
+    cu_k = torch.arange(B + 1, dtype=torch.int32, device=DEVICE) * S
+    packed_q, packed_k, packed_v = qd.reshape(B, *qd.shape[2:]), k.reshape(B * S, Hkv, E), v.reshape(B * S, Hkv, E)
+    k_cache, v_cache = (torch.zeros(B, 32, Hkv, E, dtype=torch.float16, device=DEVICE) for _ in range(2))
+    k_pages, v_pages = (torch.zeros(2 * B, 16, Hkv, E, dtype=torch.float16, device=DEVICE) for _ in range(2))
+    table = torch.arange(2 * B, dtype=torch.int32, device=DEVICE).view(B, 2)
+    lengths = torch.full((B,), S, dtype=torch.int32, device=DEVICE)
+    return {
+        "flash window": lambda: fastattn.flash_attn_func(qd, k, v, causal=True, window_size=(3, 0)),
+        "varlen decode": lambda: fastattn.flash_attn_varlen_func(packed_q, packed_k, packed_v, cu_q, cu_k, 1, S,
+                                                                 causal=True),
+        "kvcache append": lambda: fastattn.flash_attn_with_kvcache(qd, k_cache, v_cache, k[:, :1], v[:, :1],
+                                                                   cache_seqlens=lengths, causal=True),
+        "paged decode": lambda: fastattn.flash_attn_with_kvcache(qd, k_pages, v_pages, cache_seqlens=lengths,
+                                                                 block_table=table, causal=True),
+    }
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's choice of triton on the CPU")
+@pytest.mark.parametrize("name", list(_triton_route_calls()))
+def test_triton_route_reads_nothing_back_as_on_a_gpu(name, monkeypatch):
+    """On the way to the Triton kernel (dispatch, the call, the launcher) nothing is read back
+    either, where index values are not read (a GPU's tensors; here a CPU's with the reading
+    switched off). The kernel is stubbed: the interpreter would copy by design."""
+    from fastattn import inputs
+    from fastattn.kernels.triton import flash_fwd
+
+    monkeypatch.setattr(inputs, "values_checked", lambda t: False)
+    kernel = _NoKernel()
+    monkeypatch.setattr(flash_fwd, "_flash_fwd_kernel", kernel)
+    monkeypatch.setattr(flash_fwd, "_combine_splits_kernel", _NoKernel())
+    fn = _triton_route_calls()[name]
+    with SyncRecorder() as recorder:
+        for _ in range(3):
+            fn()
+    assert recorder.syncs == []
+    assert kernel.launches == 3  # the Triton route, once a call
+
+
 def test_the_recorder_sees_a_sync():
     x = torch.ones(3, device=DEVICE)
     with SyncRecorder() as recorder:
