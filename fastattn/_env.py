@@ -1,5 +1,8 @@
 """Environment switches read in more than one place."""
+from __future__ import annotations
+
 import os
+from typing import Optional
 
 # The variables a backend choice reads (dispatch.py): FASTATTN_BACKEND, FASTATTN_STRICT, and
 # TRITON_INTERPRET (interpreting()).
@@ -13,16 +16,23 @@ def _raw_reader(names: tuple[str, ...]):
     ``os.environ[...] = ...`` / ``del`` / ``putenv`` through os.environ updates, so reading that
     dict with the names encoded once sees the same changes for a twentieth of the cost."""
     environ = os.environ
+
+    def public():
+        return tuple(os.environ.get(name) for name in names)
+
     data = getattr(environ, "_data", None)
     encode = getattr(environ, "encodekey", None)
     if not isinstance(data, dict) or encode is None:  # not CPython's os._Environ: the public way
-        return lambda: tuple(environ.get(name) for name in names)
+        return public
     keys = tuple(encode(name) for name in names)
     get = data.get
     if len(keys) == 3:  # the common case, spelled out: no generator per call
         a, b, c = keys
-        return lambda: (get(a), get(b), get(c))
-    return lambda: tuple(get(key) for key in keys)
+
+        def raw():  # os.environ swapped for a stand-in (mock.patch): that one, the public way
+            return (get(a), get(b), get(c)) if os.environ is environ else public()
+        return raw
+    return lambda: tuple(get(key) for key in keys) if os.environ is environ else public()
 
 
 decision_environment = _raw_reader(DECISION_VARIABLES)
@@ -34,6 +44,11 @@ def interpreting() -> bool:
     """True when Triton kernels run through the Triton interpreter (TRITON_INTERPRET=1). Read
     raw (each launch asks): "1" as os.environ gives it, or as bytes where it keeps them so."""
     return decision_environment()[_INTERPRET] in ("1", b"1")
+
+
+def decoded(raw) -> Optional[str]:
+    """A raw value of :func:`decision_environment` as os.environ would give it."""
+    return os.fsdecode(raw) if isinstance(raw, bytes) else raw
 
 
 def constant_while_tracing(fn):

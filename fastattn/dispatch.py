@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from . import _device
-from ._env import constant_while_tracing, decision_environment, interpreting
+from ._env import constant_while_tracing, decision_environment, decoded
 from .backends.base import BACKWARD, Backend
 from .backends.sdpa import SDPABackend
 from .backends.triton import TritonBackend
@@ -133,26 +132,23 @@ def _prepare(name: str) -> None:
 def forced_backend() -> Optional[str]:
     name = _forced.get()
     if name is None:
-        return _environment()[0]
+        name = _check_name(_environment()[0], "FASTATTN_BACKEND")
     return None if name == "auto" else name
 
 
-def _strict() -> bool:
-    return os.environ.get("FASTATTN_STRICT", "0").strip().lower() in ("1", "true", "yes")
-
-
-def _environment() -> tuple[Optional[str], bool, bool]:
-    """What the environment says to a decision: the backend FASTATTN_BACKEND forces (None for
-    "auto"; an unknown name raises), FASTATTN_STRICT, and TRITON_INTERPRET."""
-    name = _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto", "FASTATTN_BACKEND")
-    return (None if name == "auto" else name), _strict(), interpreting()
+def _environment() -> tuple[str, bool, bool]:
+    """What the environment says to a decision, parsed: FASTATTN_BACKEND's name ("auto" when
+    unset; not checked here, as it counts only where nothing was forced in code),
+    FASTATTN_STRICT and TRITON_INTERPRET."""
+    return _parse_environment(decision_environment())
 
 
 @functools.lru_cache(maxsize=64)
-def _environment_for(raw: tuple) -> tuple[Optional[str], bool, bool]:
-    """:func:`_environment` for the raw values ``decision_environment()`` read: parsed once per
-    value (reading the three variables through os.environ costs 2-3 us a call)."""
-    return _environment()
+def _parse_environment(raw: tuple) -> tuple[str, bool, bool]:
+    # Parsed once per raw value (reading the three through os.environ costs 2-3 us a call).
+    backend, strict, interpret = (decoded(value) for value in raw)
+    return ((backend or "auto").strip().lower() or "auto", (strict or "0").strip().lower() in ("1", "true", "yes"),
+            interpret == "1")
 
 
 # torch.backends.cuda's getters call these; called directly they cost a quarter (the plan key reads them)
@@ -309,14 +305,14 @@ def explain_call(call: AttentionCall) -> Explanation:
     # While torch.compile traces, the decision is worked out afresh (and baked into the graph):
     # Dynamo ignores lru_cache, and warns when it meets one.
     tracing = torch.compiler.is_compiling()
-    env_forced, strict, interpret = _environment() if tracing else _environment_for(decision_environment())
+    raw = decision_environment()
+    env_backend, strict, interpret = _parse_environment.__wrapped__(raw) if tracing else _parse_environment(raw)
     forced = _forced.get()
-    if forced is None:
-        forced = env_forced
-        if forced is not None:  # forced by FASTATTN_BACKEND
+    if forced is None:  # use_backend wins inside its block, whatever FASTATTN_BACKEND says
+        forced = _check_name(env_backend, "FASTATTN_BACKEND")
+        if forced != "auto":
             _prepare(forced)
-    elif forced == "auto":
-        forced = None
+    forced = None if forced == "auto" else forced
     decide = _decide.__wrapped__ if tracing else _decide
     return decide(call.features, forced, strict, torch_restriction(), interpret, availability())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import os
 import random
 from pathlib import Path
 
@@ -299,6 +300,18 @@ def test_uncached_decisions_read_the_environment_as_it_is_now(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(fastattn.UnsupportedError, match="FASTATTN_STRICT"):
         fastattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 5, causal=True)
+    monkeypatch.setenv("FASTATTN_STRICT", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FASTATTN_BACKEND", "nonsense")
+    with fastattn.use_backend("sdpa"):  # a name forced in code wins, whatever the variable says
+        assert chosen() == "sdpa"
+    with fastattn.use_backend("auto"):
+        assert chosen() == "triton"
+    monkeypatch.delenv("FASTATTN_BACKEND")
+    with monkeypatch.context() as swapped:  # os.environ replaced by a stand-in: that one counts
+        swapped.setattr("os.environ", dict(os.environ, FASTATTN_BACKEND="sdpa"))
+        assert chosen() == "sdpa"
+    assert chosen() == "triton"
 
 
 def test_launch_arithmetic_is_tritons():
