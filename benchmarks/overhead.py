@@ -216,7 +216,8 @@ def transformers_cases() -> list[Case]:
                    device=dev)
     ref4, our4 = masking_utils.sdpa_mask(**decode4), hf.mask_function(**decode4)
     q4, k4, v4 = _qkv(B4, 8, 2, 1, S4, 32)
-    return [
+    cases = [continuous_batching_case(module4)] if torch.device(dev).type == "cuda" else []
+    return cases + [
         Case("transformers: decode, GQA 8/2, key-padding mask", "sdpa_attention_forward",
              lambda: sdpa_attention_forward(module4, q4, k4, v4, ref4, dropout=0.0, scaling=module4.scaling),
              lambda: hf.attention_forward(module4, q4, k4, v4, our4, dropout=0.0, scaling=module4.scaling), 5.0),
@@ -240,6 +241,38 @@ def transformers_cases() -> list[Case]:
         Case("mask: prefill 16 with left padding", "masking_utils.sdpa_mask",
              lambda: masking_utils.sdpa_mask(**prefill), lambda: hf.mask_function(**prefill), None),
     ]
+
+
+def continuous_batching_inputs(module, lengths=tuple(30 + 3 * i for i in range(8))):
+    """One layer's call in a continuous-batching decode step as Transformers makes it: each
+    sequence's new query against its cached keys, all packed in one row ((1, H, total, D)),
+    with ``cu_seq_lens_q/k``; and the block mask Transformers' sdpa path builds for the same
+    step instead (query b sees its own sequence's keys), shared by every layer."""
+    dev = torch.device(_ON["device"])
+    B, total = len(lengths), sum(lengths)
+    cfg = module.config
+    q = torch.randn(1, cfg.num_attention_heads, B, cfg.head_dim, **_ON)
+    k, v = (torch.randn(1, cfg.num_key_value_heads, total, cfg.head_dim, **_ON) for _ in range(2))
+    cu_k = torch.tensor((0,) + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    seq_of_key = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths))
+    block = (seq_of_key[None, :] == torch.arange(B)[:, None]).view(1, 1, B, total).to(dev)
+    kwargs = dict(cu_seq_lens_q=torch.arange(B + 1, dtype=torch.int32, device=dev), cu_seq_lens_k=cu_k.to(dev),
+                  max_length_q=1, max_length_k=max(lengths))
+    return q, k, v, block, kwargs
+
+
+def continuous_batching_case(module) -> Case:
+    """GPU only: on the CPU fastattn's fallback runs the sequences one by one, a comparison of
+    two computations rather than of host costs."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fastattn.integrations import transformers as hf
+
+    q, k, v, block, kwargs = continuous_batching_inputs(module)
+    return Case("transformers: continuous-batching decode, 8 seqs", "sdpa_attention_forward, block mask",
+                lambda: sdpa_attention_forward(module, q, k, v, block, dropout=0.0, scaling=module.scaling),
+                lambda: hf.attention_forward(module, q, k, v, None, dropout=0.0, scaling=module.scaling, **kwargs),
+                None)
 
 
 def measure(cases: list[Case], repeats: int, batch_s: float) -> list[dict]:
