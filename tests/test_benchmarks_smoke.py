@@ -172,3 +172,25 @@ def test_unpadded_stage_checks_and_times_every_case_and_says_where_unpadding_win
             [(0.25, 0.9), (0.5, 1.2), (0.25, 1.1), (0.5, 1.3)]]
     assert "from 0.50" in verdict(fake)
     assert "lost" in verdict([dict(fake[0], padding=0.5)])
+
+
+def test_continuous_batching_row_compares_equal_work():
+    """The overhead benchmark's GPU-only continuous-batching row: fastattn's packed call and
+    Transformers' sdpa path with the block mask give the same output."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import LlamaConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from benchmarks.overhead import continuous_batching_inputs
+    from fastattn.integrations import transformers as hf
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                         intermediate_size=128, num_hidden_layers=1, vocab_size=100)
+    module = LlamaAttention(config, layer_idx=0).eval()
+    q, k, v, block, kwargs = continuous_batching_inputs(module, lengths=(5, 1, 17))
+    with torch.no_grad():
+        theirs, _ = sdpa_attention_forward(module, q, k, v, block, dropout=0.0, scaling=module.scaling)
+        ours, _ = hf.attention_forward(module, q, k, v, None, dropout=0.0, scaling=module.scaling, **kwargs)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
