@@ -5,7 +5,6 @@ failed-load paths become reasons (logged once) instead of errors, the fake
 implementation's shapes, the padding helper. On a GPU (``-m gpu``): the Triton kernel's
 accuracy grid against an fp64 reference, plus decode (split-KV) and per-batch key lengths.
 """
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from fastattn.testing import assert_close_by_rule, assert_lse_close, reference_a
 def _features(**change) -> Features:
     q, k = torch.empty(2, 10, 8, 128, dtype=torch.float16), torch.empty(2, 30, 2, 128, dtype=torch.float16)
     call = from_flash_args(q, k, k, causal=True, softcap=30.0, return_lse=True)
-    return dataclasses.replace(call.features, device_type="cuda", device_index=0, **change)
+    return call.features._replace(device_type="cuda", device_index=0, **change)
 
 
 GOOD = _features()
@@ -60,9 +59,9 @@ def loaded_extension(monkeypatch):
 def test_supported_features_have_no_reasons(loaded_extension):
     assert CudaBackend().not_supported_reasons(GOOD) == []
     assert CudaBackend().not_supported_reasons(
-        dataclasses.replace(GOOD, mask_dtype=torch.bool, mask_key_padding=True)) == []  # one row per sequence
+        GOOD._replace(mask_dtype=torch.bool, mask_key_padding=True)) == []  # one row per sequence
     for head_dim in (1, 59, 64, 96, 111, 200, 256):
-        assert CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=head_dim, head_dim_v=64)) == []
+        assert CudaBackend().not_supported_reasons(GOOD._replace(head_dim=head_dim, head_dim_v=64)) == []
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -80,7 +79,7 @@ def test_supported_features_have_no_reasons(loaded_extension):
     (dict(needs_grad=True), "forward-only"),
 ])
 def test_each_refused_input_has_its_reason(loaded_extension, change, expected):
-    reasons = CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, **change))
+    reasons = CudaBackend().not_supported_reasons(GOOD._replace(**change))
     assert len(reasons) == 1 and expected in reasons[0], reasons
 
 
@@ -92,7 +91,7 @@ def test_old_gpu_is_refused(loaded_extension, monkeypatch):
 
 def test_reasons_are_all_collected(loaded_extension):
     reasons = CudaBackend().not_supported_reasons(
-        dataclasses.replace(GOOD, dtype=torch.float32, head_dim=512, has_alibi=True, dropout=True))
+        GOOD._replace(dtype=torch.float32, head_dim=512, has_alibi=True, dropout=True))
     assert len(reasons) == 4
 
 
@@ -100,7 +99,7 @@ def test_head_dims_limited_at_build_time(monkeypatch):
     status = _extension.ExtensionStatus(True, None, "/fake.so", (64, 128))
     monkeypatch.setattr(_extension, "load", lambda: status)
     monkeypatch.setattr(_device, "capability", lambda index: (8, 0))
-    reasons = CudaBackend().not_supported_reasons(dataclasses.replace(GOOD, head_dim=200, head_dim_v=200))
+    reasons = CudaBackend().not_supported_reasons(GOOD._replace(head_dim=200, head_dim_v=200))
     assert reasons == ["head_dim=200 is too large (supported: <= 128) (compiled: 64, 128)"]
 
 

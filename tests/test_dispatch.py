@@ -131,12 +131,11 @@ def test_half_inputs_choose_plain_auto():
 def test_priority_rule_on_gpus(monkeypatch, capability, extra, first):
     """Plain calls go to torch's fused SDPA on Hopper (measured faster there), the rest to triton,
     or above head dim 128 on Hopper to the CUDA kernel."""
-    import dataclasses
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_device, "capability", lambda index: capability)
     call, _ = from_sdpa_args(*half_inputs())
-    features = dataclasses.replace(call.features, device_type="cuda", device_index=0, **extra)
+    features = call.features._replace(device_type="cuda", device_index=0, **extra)
     order = dispatch.priority(features)
     assert order[0] == first and order[-1 if first != "sdpa" else 0] == "sdpa"
 

@@ -351,14 +351,13 @@ def test_plans_follow_a_backends_availability_without_clearing_anything(monkeypa
 def test_an_extension_status_change_reaches_dispatch_without_being_told(monkeypatch):
     """_extension.reset() / a build change the loader's status; the decisions cached under the old
     one are not reused (the availability is in their key), with nothing cleared."""
-    import dataclasses
 
     from fastattn import _device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_device, "capability", lambda index: (9, 0))
     call, _ = from_sdpa_args(*(t.half() for t in _sdpa_good()), enable_gqa=True)
-    features = dataclasses.replace(call.features, device_type="cuda", device_index=0)
+    features = call.features._replace(device_type="cuda", device_index=0)
 
     def cuda_reasons():
         return dispatch._decide(features, None, False, (), False, dispatch.availability()).reasons("cuda")
