@@ -447,15 +447,14 @@ def main(argv=None) -> int:
     # and each keeps its fastest turn: a machine that speeds up or slows down over the run (a
     # shared CPU box, a GPU's clocks) then favours neither. Timed one after the other, a tiny
     # Llama's decode step read 0.71-1.15x between two CPU runs of the same code.
-    rows, measures, failed = [], {}, {}
+    rows, measures = [], {}
     for attn_name in ATTENTION:
         try:
             setup(attn_name)
             measures[attn_name] = measures_of(attn_name)
         except Exception as exc:
-            failed[attn_name] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
             rows.append(dict(info, model=name, layers=shape.layers, attention=attn_name, measure="setup",
-                             status="error", reason=failed[attn_name]))
+                             status="error", reason=f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
             append_rows(args.csv, rows[-1:], COLUMNS)
     names = list(next(iter(measures.values()), {}))
     for measure in names:
